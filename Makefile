@@ -1,0 +1,50 @@
+# histosynth — every target installs what it needs (venv, pinned deps, generated stubs).
+SHELL := /bin/bash
+PYTHON_BOOT ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LOCK := requirements/dev.lock
+GEN := services/_generated
+PROTOS := $(shell find proto -name '*.proto' | sort)
+
+.PHONY: help install proto proto-check test run bench bench-core clean
+
+help:
+	@echo "make run    - generate a small synthetic batch with the shipped models (CPU, loopback)"
+	@echo "make test   - install everything and run the test suite"
+	@echo "make bench  - benchmarks (JSON under bench/results/)"
+
+$(STAMP): $(LOCK) pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Stubs are regenerated from scratch so a stale file can never survive; imports are rewritten
+# from `histosynth.v1` to `services._generated.histosynth.v1` so no sys.path tricks are needed.
+proto: $(STAMP)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	find $(GEN) -name '*.py' -o -name '*.pyi' | xargs sed -i -E \
+	  -e 's/^from (histosynth|inference)(\.v1)? import /from services._generated.\1\2 import /' \
+	  -e 's/^import (histosynth|inference)\./import services._generated.\1./'
+	find $(GEN) -type d -exec touch {}/__init__.py \;
+	@echo '"""protoc output: written only by `make proto`, never by hand."""' > $(GEN)/__init__.py
+
+# CI guard: regenerating must not change the tree.
+proto-check: proto
+	@git diff --exit-code --stat -- $(GEN) && test -z "$$(git status --porcelain -- $(GEN))" \
+	  || (echo "generated stubs are stale: run 'make proto' and commit"; exit 1)
+
+test: proto-check
+	$(PY) -m pytest -q
+
+bench-core: proto
+	$(PY) -m bench.bench_core
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""histosynth serving side: core infrastructure and the gRPC services (no torch here)."""

@@ -1,0 +1,1 @@
+"""protoc output: written only by `make proto`, never by hand."""
