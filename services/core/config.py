@@ -1,0 +1,300 @@
+"""Typed, frozen server settings read once from ``HISTOSYNTH_*`` environment variables.
+
+Every field of a settings dataclass is one variable: field ``max_batch_size`` is
+``HISTOSYNTH_MAX_BATCH_SIZE``. Each field documents itself (``metadata["doc"]``) and may
+carry a check; a bad value raises ConfigError naming the variable and the value, so a
+typo in a Helm chart fails at start-up instead of at the first request.
+
+Services with settings of their own declare another frozen dataclass with the same
+field conventions and load it with :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, Union
+
+from services.core.logging import LOG_FORMATS
+from services.core.runtimes.base import RuntimeOptions, parse_device
+
+ENV_PREFIX: Final = "HISTOSYNTH_"
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Values that switch off an optional setting (e.g. HISTOSYNTH_METRICS_PORT=off).
+_NONE_WORDS: Final = frozenset({"", "none", "off", "disabled"})
+_TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
+
+Check = Callable[[Any], "str | None"]  # returns a problem description, or None when fine
+SettingsT = TypeVar("SettingsT")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the variable (or field) and the value."""
+
+
+def setting(default: Any, doc: str, check: Check | None = None) -> Any:
+    """Declare a settings field with its documentation and an optional value check."""
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+# ----------------------------------------------------------------------- checks
+def _at_least(minimum: float) -> Check:
+    return lambda value: None if value >= minimum else f"must be >= {minimum}"
+
+
+def _port(value: int | None) -> str | None:
+    if value is None or 0 <= value <= 65535:
+        return None
+    return "must be a TCP port in 0..65535 (0 picks a free port)"
+
+
+def _devices(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "needs at least one device"
+    for device in value:
+        try:
+            parse_device(device)
+        except ValueError as error:
+            return str(error)
+    if len(set(value)) != len(value):
+        return "lists a device twice"
+    return None
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+# --------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings shared by every histosynth gRPC service."""
+
+    model_store: Path = setting(
+        Path("model_store"),
+        "Root of the model repository, laid out as <name>/<version>/manifest.yaml.",
+    )
+    devices: tuple[str, ...] = setting(
+        ("cpu",),
+        "Comma-separated devices to load model instances on, in preference order "
+        "(e.g. 'cuda:0,cpu'). A device that cannot be used falls back to CPU and is reported.",
+        _devices,
+    )
+    instances_per_device: int = setting(
+        1, "Runtime instances (sessions) per device; on CPU one instance with more threads is faster.",
+        _at_least(1),
+    )
+    max_batch_size: int = setting(
+        8, "Largest merged batch the dynamic batcher sends to a runtime; a model's manifest "
+        "max_batch_size caps it further.", _at_least(1),
+    )
+    max_queue_delay_ms: float = setting(
+        5.0, "How long the batcher waits for more requests to fill a batch, in milliseconds.",
+        _at_least(0.0),
+    )
+    max_queue_size: int = setting(
+        256, "Requests waiting per model beyond which new ones are refused with RESOURCE_EXHAUSTED.",
+        _at_least(1),
+    )
+    host: str = setting(
+        "127.0.0.1",
+        "Address the gRPC and metrics servers bind to. Loopback by default: exposing the "
+        "service (e.g. 0.0.0.0 in a container) must be a deliberate setting.",
+        _non_empty,
+    )
+    port: int = setting(50051, "gRPC port; 0 picks a free port.", _port)
+    metrics_port: int | None = setting(
+        9464, "Prometheus /metrics HTTP port; 0 picks a free port, 'off' disables the endpoint.",
+        _port,
+    )
+    max_message_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Largest gRPC message sent or received, in bytes; bigger requests fail with RESOURCE_EXHAUSTED.",
+        _at_least(1024),
+    )
+    intra_op_threads: int = setting(
+        0, "Threads inside one operator of a runtime (ONNX Runtime intra-op pool); 0 = library default.",
+        _at_least(0),
+    )
+    drain_grace_s: float = setting(
+        10.0, "On SIGTERM/SIGINT: seconds in-flight calls get to finish before the server stops.",
+        _at_least(0.0),
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = setting(
+        "INFO", f"Root log level: one of {', '.join(LOG_LEVELS)}."
+    )
+    log_format: Literal["json", "text"] = setting(
+        "json", f"Log line format: {' or '.join(LOG_FORMATS)} (JSON lines for log pipelines)."
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    @classmethod
+    def from_env(
+        cls,
+        prefix: str = ENV_PREFIX,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> ServerConfig:
+        """Read settings from ``environ`` (default os.environ); ``overrides`` (by field name) win."""
+        return load_settings(cls, prefix=prefix, overrides=overrides, environ=environ)
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(intra_op_threads=self.intra_op_threads)
+
+
+# ---------------------------------------------------------------------- loading
+def env_name(prefix: str, field_name: str) -> str:
+    return f"{prefix}{field_name.upper()}"
+
+
+def describe_settings(cls: type, prefix: str = ENV_PREFIX) -> list[tuple[str, str, str]]:
+    """(variable, default, doc) for each field: what ``--help`` or a README table shows."""
+    rows = []
+    for item in dataclasses.fields(cls):
+        default = item.default
+        if isinstance(default, tuple):
+            default = ",".join(str(part) for part in default)
+        rows.append((env_name(prefix, item.name), str(default), item.metadata.get("doc", "")))
+    return rows
+
+
+def check_settings(settings: Any, names: Mapping[str, str] | None = None) -> None:
+    """Run every field's type check and value check; ``names`` maps fields to the labels used in errors."""
+    hints = typing.get_type_hints(type(settings))
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        label = (names or {}).get(item.name, item.name)
+        problem = _field_problem(item, value, hints[item.name])
+        if problem is not None:
+            raise ConfigError(f"{label}={value!r}: {problem}")
+
+
+def load_settings(
+    cls: type[SettingsT],
+    prefix: str = ENV_PREFIX,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> SettingsT:
+    """Build a frozen settings dataclass from environment variables plus overrides.
+
+    Override values may be strings (parsed like the variable) or values of the field's type.
+    """
+    environ = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
+    hints = typing.get_type_hints(cls)
+    field_names = [item.name for item in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - set(field_names))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; valid: {field_names}")
+
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    shown: dict[str, Any] = {}  # the value as given, for error messages
+    for name in field_names:
+        variable = env_name(prefix, name)
+        if name in overrides:
+            raw, label = overrides[name], f"override {name}"
+        elif variable in environ:
+            raw, label = environ[variable], variable
+        else:
+            continue
+        labels[name] = label
+        shown[name] = raw
+        if isinstance(raw, str):
+            try:
+                values[name] = _parse(raw, hints[name])
+            except ValueError as error:
+                raise ConfigError(f"{label}={raw!r}: {error}") from None
+        else:
+            values[name] = tuple(raw) if isinstance(raw, list) else raw
+
+    # Check here, where the variable names are known, before the dataclass' own check.
+    for item in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if item.name in values:
+            problem = _field_problem(item, values[item.name], hints[item.name])
+            if problem is not None:
+                raise ConfigError(f"{labels[item.name]}={shown[item.name]!r}: {problem}")
+    return cls(**values)
+
+
+def _field_problem(item: dataclasses.Field[Any], value: Any, annotation: Any) -> str | None:
+    problem = _type_problem(value, annotation)
+    if problem is None and item.metadata.get("check") is not None:
+        problem = item.metadata["check"](value)
+    return problem
+
+
+def _parse(raw: str, annotation: Any) -> Any:
+    """Parse one variable's text into the field's type; raises ValueError saying what was expected."""
+    text = raw.strip()
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        inner = [arg for arg in args if arg is not type(None)]
+        if text.lower() in _NONE_WORDS:
+            return None
+        return _parse(text, inner[0])
+    if origin is Literal:
+        for choice in args:
+            if text.lower() == str(choice).lower():
+                return choice
+        raise ValueError(f"expected one of {', '.join(map(str, args))}")
+    if origin is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if annotation is bool:
+        if text.lower() in _TRUE_WORDS:
+            return True
+        if text.lower() in _FALSE_WORDS:
+            return False
+        raise ValueError("expected a boolean (true/false, 1/0, yes/no, on/off)")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if annotation is Path:
+        if not text:
+            raise ValueError("expected a path")
+        return Path(text).expanduser()
+    if annotation is str:
+        return text
+    raise TypeError(f"settings field type {annotation!r} has no parser")
+
+
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """Why ``value`` is not of the field's type, or None; bools are not accepted as numbers."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        problems = [_type_problem(value, arg) for arg in args]
+        return None if any(problem is None for problem in problems) else problems[-1]
+    if annotation is type(None):
+        return None if value is None else "expected nothing (None)"
+    if origin is Literal:
+        return None if value in args else f"expected one of {', '.join(map(str, args))}"
+    if origin is tuple:
+        if isinstance(value, tuple) and all(isinstance(part, args[0]) for part in value):
+            return None
+        return f"expected a tuple of {args[0].__name__}"
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "expected a number"
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "expected an integer"
+    if isinstance(annotation, type):
+        return None if isinstance(value, annotation) else f"expected {annotation.__name__}"
+    return None

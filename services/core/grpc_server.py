@@ -1,0 +1,480 @@
+"""gRPC server bootstrap shared by every histosynth service.
+
+One call wires what each service would otherwise repeat: grpc.health.v1 health checking
+(one status per service), server reflection (grpcurl / grpc_cli work without .proto
+files), message size limits, an interceptor that records the histosynth_grpc_* metrics
+and turns domain errors into gRPC status codes, the Prometheus endpoint, and a graceful
+drain on SIGTERM/SIGINT so a rolling update never cuts a render off mid-way:
+
+1. health flips to NOT_SERVING for every service, so load balancers stop routing here;
+2. new calls are refused with UNAVAILABLE (clients retry on another replica);
+3. calls already running get up to ``drain_grace_s`` to finish;
+4. the server stops, cancelling whatever is still running.
+
+Health and reflection keep answering during the drain (a probe must be able to see
+NOT_SERVING) and are left out of the call metrics, which would otherwise mostly count probes.
+
+Usage from a service's ``__main__``::
+
+    config = ServerConfig.from_env()
+    asyncio.run(serve([ServiceRegistration(add_FooServicer_to_server, FooServicer(...),
+                                           "histosynth.v1.Foo")], config))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, NamedTuple
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.core import metrics
+from services.core.config import ServerConfig
+from services.core.errors import HistosynthError
+from services.core.logging import configure_logging
+
+_log = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME: Final = health.SERVICE_NAME
+REFLECTION_SERVICE_NAME: Final = reflection.SERVICE_NAME
+# Served during a drain and kept out of the call metrics (see module docstring).
+INFRASTRUCTURE_SERVICES: Final = frozenset({HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME})
+DRAINING_MESSAGE: Final = "server is shutting down and accepts no new calls; retry on another replica"
+
+ShutdownHook = Callable[[], "Awaitable[None] | None"]
+
+
+class ServiceRegistration(NamedTuple):
+    """One gRPC service to serve: a plain tuple works too.
+
+    ``add_to_server`` is the generated ``add_<Name>Servicer_to_server`` (or any callable
+    ``(servicer, server)`` that adds handlers); ``service_name`` is the full proto name,
+    e.g. ``histosynth.v1.MaskRendering``, used for health and reflection.
+    """
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    service_name: str
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """``/histosynth.v1.Scoring/Score`` -> (``histosynth.v1.Scoring``, ``Score``)."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service or "unknown", method or full_method
+
+
+def status_code_for(error: HistosynthError) -> grpc.StatusCode:
+    """The gRPC status for a domain error; an unknown status name is a bug, reported as INTERNAL."""
+    try:
+        return grpc.StatusCode[error.status]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
+
+
+def _code_of(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+    """The status a handler set itself (set_code or abort), else ``default``."""
+    code = context.code()
+    if code is None:
+        return default
+    if isinstance(code, grpc.StatusCode):
+        return code
+    # Some grpc versions report the raw integer; map it back by value.
+    for candidate in grpc.StatusCode:
+        if candidate.value[0] == code:
+            return candidate
+    return default
+
+
+class _DrainState:
+    """Counts calls in flight so a drain knows when the last one has finished."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.forced = asyncio.Event()  # a second signal: stop without waiting out the grace
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls while draining, records call metrics, maps exceptions to status codes.
+
+    A HistosynthError becomes its own status (``error.status``) with its message; any
+    other exception becomes INTERNAL with the exception named, is logged with its
+    traceback, and leaves the server serving.
+    """
+
+    def __init__(self, state: _DrainState) -> None:
+        self._state = state
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        service, method = split_method(handler_call_details.method)
+        if handler is None or service in INFRASTRUCTURE_SERVICES:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary_response(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary_response(handler.stream_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        wrap = (
+            self._wrap_generator
+            if inspect.isasyncgenfunction(handler.unary_stream or handler.stream_stream)
+            else self._wrap_writer
+        )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            wrap(handler.stream_stream, service, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary_response(self, behavior: Callable[..., Any], service: str, method: str) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._served(service, method, context):
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+        return call
+
+    def _wrap_generator(self, behavior: Callable[..., Any], service: str, method: str) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._served(service, method, context):
+                async for response in behavior(request, context):
+                    yield response
+
+        return call
+
+    def _wrap_writer(self, behavior: Callable[..., Any], service: str, method: str) -> Any:
+        """Streaming handlers that ``await context.write(...)`` (or return a sync iterable)."""
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
+            async with self._served(service, method, context):
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    await result
+                elif result is not None:
+                    for response in result:
+                        await context.write(response)
+
+        return call
+
+    @contextlib.asynccontextmanager
+    async def _served(
+        self, service: str, method: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        if self._state.draining:
+            metrics.GRPC_REQUESTS.labels(service, method, grpc.StatusCode.UNAVAILABLE.name).inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+        started = time.perf_counter()
+        inflight_gauge = metrics.GRPC_INFLIGHT_REQUESTS.labels(service)
+        inflight_gauge.inc()
+        self._state.enter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+            code = _code_of(context, grpc.StatusCode.OK)
+        except HistosynthError as error:
+            code = status_code_for(error)
+            level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+            _log.log(
+                level,
+                "call failed: %s",
+                error.message,
+                extra={"service": service, "method": method, "code": code.name,
+                       "reason": error.reason, "peer": context.peer()},
+            )
+            await context.abort(code, error.message)
+        except grpc.aio.AbortError:  # the handler aborted with a status of its own choosing
+            code = _code_of(context, grpc.StatusCode.UNKNOWN)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:
+            code = grpc.StatusCode.INTERNAL
+            _log.exception(
+                "unexpected error in %s/%s",
+                service,
+                method,
+                extra={"service": service, "method": method, "code": code.name, "peer": context.peer()},
+            )
+            await context.abort(
+                code, f"internal error in {service}/{method}: {type(error).__name__}: {error}"
+            )
+        finally:
+            inflight_gauge.dec()
+            self._state.leave()
+            metrics.GRPC_REQUEST_DURATION.labels(service, method).observe(time.perf_counter() - started)
+            metrics.GRPC_REQUESTS.labels(service, method, code.name).inc()
+
+
+class RunningServer:
+    """Handle on a started server: its bound port, health control and shutdown.
+
+    ``stop``/``drain`` run the graceful drain described in the module docstring; they
+    are idempotent and concurrent calls wait for the same drain.
+    """
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        host: str,
+        port: int,
+        service_names: tuple[str, ...],
+        health_servicer: health.aio.HealthServicer,
+        state: _DrainState,
+        metrics_server: metrics.MetricsHttpServer | None,
+        default_grace_s: float,
+        shutdown_hooks: Sequence[ShutdownHook] = (),
+    ) -> None:
+        self.server = server
+        self.host = host
+        self.port = port
+        self.service_names = service_names
+        self.health = health_servicer
+        self.metrics_server = metrics_server
+        self.default_grace_s = default_grace_s
+        self._state = state
+        self._shutdown_hooks = list(shutdown_hooks)
+        self._drain_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to dial (IPv6 hosts bracketed)."""
+        return _host_port(self.host, self.port)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.port
+
+    @property
+    def draining(self) -> bool:
+        return self._state.draining
+
+    @property
+    def in_flight(self) -> int:
+        return self._state.in_flight
+
+    def add_shutdown_hook(self, hook: ShutdownHook) -> None:
+        """Run ``hook`` after the server stopped (close batchers, pools, runtimes)."""
+        self._shutdown_hooks.append(hook)
+
+    async def set_serving(self, service_name: str, serving: bool) -> None:
+        """Report one service healthy or not (e.g. its model failed to load); ignored while draining."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(service_name, status)
+
+    def force_stop(self) -> None:
+        """Cut a running drain short: whatever is still in flight is cancelled now."""
+        self._state.forced.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; ``grace`` defaults to the configured drain_grace_s."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(
+                self._drain(self.default_grace_s if grace is None else grace)
+            )
+        await asyncio.shield(self._drain_task)
+
+    drain = stop
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+    async def _drain(self, grace: float) -> None:
+        started = time.perf_counter()
+        self._state.draining = True
+        _log.info(
+            "draining: health NOT_SERVING, refusing new calls",
+            extra={"in_flight": self._state.in_flight, "grace_s": grace},
+        )
+        await self.health.enter_graceful_shutdown()
+        idle = asyncio.ensure_future(self._state.idle.wait())
+        forced = asyncio.ensure_future(self._state.forced.wait())
+        try:
+            await asyncio.wait({idle, forced}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            forced.cancel()
+        if self._state.in_flight:
+            _log.warning(
+                "drain grace over, cancelling calls still in flight",
+                extra={"in_flight": self._state.in_flight, "grace_s": grace},
+            )
+        # In-flight work is done (or given up on); what remains are long-lived health
+        # watches, which must not hold the shutdown for the rest of the grace period.
+        await self.server.stop(0)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        for hook in self._shutdown_hooks:
+            try:
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                _log.exception("shutdown hook %r failed", hook)
+        self._stopped.set()
+        _log.info("server stopped", extra={"drain_s": round(time.perf_counter() - started, 3)})
+
+
+def _host_port(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+async def start_server(
+    registrations: Sequence[ServiceRegistration | tuple[Any, Any, str]],
+    config: ServerConfig,
+    *,
+    shutdown_hooks: Sequence[ShutdownHook] = (),
+) -> RunningServer:
+    """Build, bind and start the server; returns once it accepts calls.
+
+    Binds ``config.host:config.port`` (port 0 picks a free one, see ``RunningServer.port``)
+    and starts the metrics endpoint unless ``config.metrics_port`` is None.
+    """
+    registrations = [ServiceRegistration(*registration) for registration in registrations]
+    names = [registration.service_name for registration in registrations]
+    if len(set(names)) != len(names):
+        raise ValueError(f"service registered twice: {names}")
+
+    state = _DrainState()
+    server = grpc.aio.server(
+        interceptors=[ServingInterceptor(state)],
+        options=[
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Two servers must never share a port silently (a stale replica would take calls).
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*names, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME), server)
+
+    address = _host_port(config.host, config.port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"cannot bind gRPC server to {address}: {error}") from error
+    if port == 0:  # older grpc versions report a failed bind this way
+        raise OSError(f"cannot bind gRPC server to {address}")
+    await server.start()
+    for name in names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    metrics_server = None
+    if config.metrics_port is not None:
+        try:
+            metrics_server = metrics.start_metrics_http_server(config.host, config.metrics_port)
+        except BaseException:
+            await server.stop(None)
+            raise
+    _log.info(
+        "gRPC server listening",
+        extra={
+            "address": _host_port(config.host, port),
+            "services": names,
+            "metrics_port": None if metrics_server is None else metrics_server.port,
+        },
+    )
+    return RunningServer(
+        server=server,
+        host=config.host,
+        port=port,
+        service_names=tuple(names),
+        health_servicer=health_servicer,
+        state=state,
+        metrics_server=metrics_server,
+        default_grace_s=config.drain_grace_s,
+        shutdown_hooks=shutdown_hooks,
+    )
+
+
+async def serve(
+    registrations: Sequence[ServiceRegistration | tuple[Any, Any, str]],
+    config: ServerConfig,
+    *,
+    shutdown_hooks: Sequence[ShutdownHook] = (),
+    stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    on_started: Callable[[RunningServer], None] | None = None,
+) -> None:
+    """Configure logging, start the server and run until a stop signal has drained it.
+
+    The first SIGTERM/SIGINT starts the graceful drain; a second one cancels what is
+    still in flight and stops at once. ``on_started`` receives the running server
+    (its bound port, health control) once it accepts calls.
+    """
+    configure_logging(config.log_level, config.log_format)
+    running = await start_server(registrations, config, shutdown_hooks=shutdown_hooks)
+    if on_started is not None:
+        on_started(running)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop_requested.is_set():
+            _log.warning("second %s: stopping without waiting for calls in flight", signum.name)
+            running.force_stop()
+            return
+        _log.info("received %s", signum.name)
+        stop_requested.set()
+
+    for signum in stop_signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        # Stop on a signal, or when something else (a test, a fatal hook) stopped the server.
+        waiters = {
+            asyncio.ensure_future(stop_requested.wait()),
+            asyncio.ensure_future(running.wait_for_termination()),
+        }
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        await running.stop()
+    finally:
+        for signum in stop_signals:
+            loop.remove_signal_handler(signum)

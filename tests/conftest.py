@@ -1,0 +1,18 @@
+"""Fixtures shared by every test directory; keep this generic (area-specific ones live beside their tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_model import write_tiny_model
+
+
+@pytest.fixture
+def tiny_model_store(tmp_path: Path) -> Path:
+    """A model_store root holding the real ONNX model ``tiny`` (y = 2x + 1) at versions 1 and 2."""
+    root = tmp_path / "model_store"
+    write_tiny_model(root, version="1")
+    write_tiny_model(root, version="2")
+    return root
