@@ -8,7 +8,7 @@ LOCK := requirements/dev.lock
 GEN := services/_generated
 PROTOS := $(shell find proto -name '*.proto' | sort)
 
-.PHONY: help install proto proto-check test run bench bench-core clean
+.PHONY: help install proto proto-check test test-gpu run bench bench-core clean
 
 help:
 	@echo "make run    - generate a small synthetic batch with the shipped models (CPU, loopback)"
@@ -41,7 +41,11 @@ proto-check: proto
 	  || (echo "generated stubs are stale: run 'make proto' and commit"; exit 1)
 
 test: proto-check
+	./scripts/ensure_system_deps.sh
 	$(PY) -m pytest -q
+
+test-gpu: proto
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 bench-core: proto
 	$(PY) -m bench.bench_core
