@@ -23,8 +23,16 @@ JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
+class FractionRange(_message.Message):
+    __slots__ = ("min", "max")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    max: float
+    def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
 class Stratum(_message.Message):
-    __slots__ = ("label", "weight", "class_fractions")
+    __slots__ = ("label", "weight", "class_fractions", "class_fraction_ranges", "positive_proportion", "nuclear_fraction")
     class ClassFractionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,13 +40,26 @@ class Stratum(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ClassFractionRangesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FractionRange
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FractionRange, _Mapping]] = ...) -> None: ...
     LABEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CLASS_FRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_FRACTION_RANGES_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_PROPORTION_FIELD_NUMBER: _ClassVar[int]
+    NUCLEAR_FRACTION_FIELD_NUMBER: _ClassVar[int]
     label: str
     weight: float
     class_fractions: _containers.ScalarMap[str, float]
-    def __init__(self, label: _Optional[str] = ..., weight: _Optional[float] = ..., class_fractions: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    class_fraction_ranges: _containers.MessageMap[str, FractionRange]
+    positive_proportion: FractionRange
+    nuclear_fraction: FractionRange
+    def __init__(self, label: _Optional[str] = ..., weight: _Optional[float] = ..., class_fractions: _Optional[_Mapping[str, float]] = ..., class_fraction_ranges: _Optional[_Mapping[str, FractionRange]] = ..., positive_proportion: _Optional[_Union[FractionRange, _Mapping]] = ..., nuclear_fraction: _Optional[_Union[FractionRange, _Mapping]] = ...) -> None: ...
 
 class GenerationSpec(_message.Message):
     __slots__ = ("count", "tissue", "height", "width", "strata", "tolerance", "seed", "noise_spacing", "refine", "min_consistency", "coarse_masks", "sink_uri")
@@ -69,7 +90,7 @@ class GenerationSpec(_message.Message):
     def __init__(self, count: _Optional[int] = ..., tissue: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., strata: _Optional[_Iterable[_Union[Stratum, _Mapping]]] = ..., tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., noise_spacing: _Optional[float] = ..., refine: _Optional[bool] = ..., min_consistency: _Optional[float] = ..., coarse_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sink_uri: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("spec", "model_versions")
+    __slots__ = ("spec", "model_versions", "indices")
     class ModelVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,9 +100,11 @@ class GenerateRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     spec: GenerationSpec
     model_versions: _containers.ScalarMap[str, str]
-    def __init__(self, spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., model_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, spec: _Optional[_Union[GenerationSpec, _Mapping]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("job_id", "index", "stratum", "image_png", "mask", "instances", "scores", "provenance", "class_names")

@@ -1,0 +1,293 @@
+"""KServe / Triton Open Inference Protocol v2 over gRPC: hosted models at the tensor level.
+
+Mounted beside a service's domain API, over the same ModelHost, so ``tritonclient.grpc``
+and KServe tooling can list, inspect and call our models, and their requests share the
+model's DynamicBatcher (and its queue limits) with domain requests. ModelInfer feeds the
+model's own input tensors (as its manifest declares them) and returns its raw outputs:
+no pre/post-processing, which is what the domain API is for.
+
+Served RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
+RepositoryIndex. Others of the protocol answer UNIMPLEMENTED.
+
+The protocol's messages live in services._generated.inference (from proto/inference/
+grpc_service.proto, wire-compatible with Triton's). NOTE: tritonclient registers the same
+``inference.*`` message names in protobuf's default descriptor pool, so this module and
+``tritonclient.grpc`` cannot be imported into one process unless the generated module is
+built into a private pool (see the lead's Makefile note); tests run tritonclient in a
+subprocess.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import grpc
+import numpy as np
+
+from services._generated.inference import grpc_service_pb2 as pb
+from services._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from services.core.errors import InvalidInputError, ModelNotFoundError
+from services.core.grpc_server import ServiceRegistration
+from services.core.runtimes.base import TensorSpec
+from services.model_host import ModelHost, ServedModel
+from services.servicer_common import deadline_of
+from services.tensor_codec import DEFAULT_LIMITS, array_from_bytes, describe
+
+SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME: Final = "histosynth"
+SERVER_VERSION: Final = "0.1.0"
+# Triton's platform names for the formats a manifest can name.
+PLATFORMS: Final[Mapping[str, str]] = {
+    "onnx": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch",
+    "tensorrt_plan": "tensorrt_plan",
+}
+
+# Protocol datatype -> little-endian numpy dtype.
+V2_DTYPES: Final[Mapping[str, np.dtype]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+# Manifest dtype name -> protocol datatype.
+V2_BY_MANIFEST_DTYPE: Final[Mapping[str, str]] = {
+    "bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int16": "INT16", "int32": "INT32",
+    "int64": "INT64", "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}
+# Protocol datatype -> the InferTensorContents field carrying it (FP16 travels raw only).
+CONTENTS_FIELDS: Final[Mapping[str, str]] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def v2_shape(spec: TensorSpec) -> list[int]:
+    """Manifest shape -> protocol shape, -1 for every named (dynamic) axis."""
+    return [dim if isinstance(dim, int) else -1 for dim in spec.shape]
+
+
+def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=V2_BY_MANIFEST_DTYPE[spec.dtype], shape=v2_shape(spec)
+    )
+
+
+def decode_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: TensorSpec
+) -> np.ndarray:
+    """One request input -> numpy, checked against the model's declared datatype and rank."""
+    name = f"input {tensor.name!r}"
+    expected_type = V2_BY_MANIFEST_DTYPE[spec.dtype]
+    wanted = f"{expected_type} {v2_shape(spec)}"
+    if tensor.datatype != expected_type:
+        raise InvalidInputError(f"{name}: expected {wanted}, got {describe(tensor.datatype, tensor.shape)}")
+    shape = [int(dim) for dim in tensor.shape]
+    if len(shape) != len(spec.shape) or any(
+        isinstance(dim, int) and dim != size for dim, size in zip(spec.shape, shape)
+    ):
+        raise InvalidInputError(f"{name}: expected {wanted}, got {describe(tensor.datatype, shape)}")
+    dtype = V2_DTYPES[expected_type]
+    if raw is None:
+        raw = contents_to_bytes(tensor, dtype, name)
+    return array_from_bytes(name, dtype, shape, raw, dtype_label=tensor.datatype)
+
+
+def contents_to_bytes(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype, name: str) -> bytes:
+    """Typed ``contents`` -> little-endian bytes; the element count is checked before copying."""
+    field = CONTENTS_FIELDS.get(tensor.datatype)
+    if field is None:
+        raise InvalidInputError(
+            f"{name}: datatype {tensor.datatype} has no typed contents field; send it in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    shape = [int(dim) for dim in tensor.shape]
+    if any(dim < 0 for dim in shape):
+        raise InvalidInputError(f"{name}: shape {shape} has negative dimensions; every size must be >= 0")
+    elements = math.prod(shape)
+    if elements > DEFAULT_LIMITS.max_elements:
+        raise InvalidInputError(
+            f"{name}: shape {shape} holds {elements} elements, more than the limit of {DEFAULT_LIMITS.max_elements}"
+        )
+    if len(values) != elements:
+        raise InvalidInputError(
+            f"{name}: contents.{field} holds {len(values)} values but shape {shape} needs {elements}"
+        )
+    wide = np.asarray(values)
+    if dtype.kind in "iu" and wide.size and (wide.min() < np.iinfo(dtype).min or wide.max() > np.iinfo(dtype).max):
+        raise InvalidInputError(f"{name}: contents.{field} has values outside the range of {tensor.datatype}")
+    return wide.astype(dtype).tobytes()
+
+
+SPATIAL_AXES: Final = ("height", "width")
+
+
+def check_spatial_multiple(
+    feeds: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], multiple: object, model_key: str
+) -> None:
+    """Height/width axes must be multiples of the model's ``size_multiple`` (strided convolutions).
+
+    The domain API pads for the caller; at the tensor level the caller owns the tensor, so a
+    bad size is refused with INVALID_ARGUMENT instead of failing inside the runtime.
+    """
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple <= 1:
+        return
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            size = feeds[spec.name].shape[axis]
+            if dim in SPATIAL_AXES and size % multiple:
+                raise InvalidInputError(
+                    f"input {spec.name!r}: {dim} {size} is not a multiple of {multiple}, which model "
+                    f"{model_key} needs; pad the tensor (the domain API pads for you)"
+                )
+
+
+class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    """GRPCInferenceService over one or more ModelHosts (a model name is looked up in each in turn)."""
+
+    def __init__(self, hosts: Sequence[ModelHost]) -> None:
+        if not hosts:
+            raise ValueError("KServeV2Servicer needs at least one ModelHost")
+        self.hosts = list(hosts)
+
+    # ------------------------------------------------------------------ lookup
+    def _all_names(self) -> list[str]:
+        return sorted({name for host in self.hosts for name in host.model_names()})
+
+    def _host_for(self, name: str) -> ModelHost:
+        for host in self.hosts:
+            if name in host.model_names() or name in host.model_names(refresh=True):
+                return host
+        raise ModelNotFoundError(name, None, self._all_names())
+
+    async def _served(self, name: str, version: str) -> ServedModel:
+        if not name:
+            raise InvalidInputError(f"model name is required; available: {self._all_names()}")
+        return await self._host_for(name).get(name, version or None)
+
+    # ------------------------------------------------------------------ health
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        # Ready = every hosted model answers now; a model that failed to load makes the server not ready.
+        ready = all(
+            not host.load_errors and all(host.is_ready(name) for name in host.model_names()) for host in self.hosts
+        )
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            host = self._host_for(request.name)
+        except ModelNotFoundError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=host.is_ready(request.name, request.version or None))
+
+    # ---------------------------------------------------------------- metadata
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        # No optional extension is claimed: RepositoryIndex is served, model load/unload is not.
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        host = self._host_for(request.name)
+        served = await self._served(request.name, request.version)
+        manifest = served.manifest
+        return pb.ModelMetadataResponse(
+            name=manifest.name,
+            versions=host.versions(manifest.name),
+            platform=PLATFORMS.get(manifest.format, manifest.format),
+            inputs=[tensor_metadata(spec) for spec in manifest.inputs],
+            outputs=[tensor_metadata(spec) for spec in manifest.outputs],
+        )
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for host in self.hosts:
+            for name in host.model_names():
+                for version in host.versions(name):
+                    ready = host.is_ready(name, version)
+                    if request.ready and not ready:
+                        continue
+                    error = host.load_errors.get(f"{name}/{version}")
+                    response.models.add(
+                        name=name,
+                        version=version,
+                        state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else error or "not loaded; loads on first request",
+                    )
+        return response
+
+    # ------------------------------------------------------------------- infer
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        served = await self._served(request.model_name, request.model_version)
+        manifest = served.manifest
+        feeds = self._decode_inputs(request, manifest.inputs, manifest.key)
+        check_spatial_multiple(feeds, manifest.inputs, manifest.metadata.get("size_multiple"), manifest.key)
+        requested = [output.name for output in request.outputs]
+        declared = {spec.name: spec for spec in manifest.outputs}
+        unknown = [name for name in requested if name not in declared]
+        if unknown:
+            raise InvalidInputError(
+                f"model {manifest.key} has no output(s) {unknown}; outputs: {list(declared)}"
+            )
+        outputs = await served.infer(feeds, deadline_of(context))
+        response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version, id=request.id)
+        for name in requested or list(declared):
+            array = np.ascontiguousarray(outputs[name])
+            wire_type = V2_BY_MANIFEST_DTYPE[declared[name].dtype]
+            response.outputs.add(name=name, datatype=wire_type, shape=list(array.shape))
+            response.raw_output_contents.append(array.astype(V2_DTYPES[wire_type], copy=False).tobytes())
+        return response
+
+    @staticmethod
+    def _decode_inputs(
+        request: pb.ModelInferRequest, specs: Sequence[TensorSpec], model_key: str
+    ) -> dict[str, np.ndarray]:
+        expected = [spec.name for spec in specs]
+        given = [tensor.name for tensor in request.inputs]
+        if sorted(given) != sorted(expected):
+            raise InvalidInputError(f"model {model_key} takes inputs {expected}, got {given}")
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidInputError(
+                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+                "send one per input, in the order of inputs"
+            )
+        by_name = {spec.name: spec for spec in specs}
+        feeds = {}
+        for position, tensor in enumerate(request.inputs):
+            feeds[tensor.name] = decode_input(tensor, raw[position] if raw else None, by_name[tensor.name])
+        return feeds
+
+
+def kserve_registration(servicer: KServeV2Servicer) -> ServiceRegistration:
+    return ServiceRegistration(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)

@@ -1,0 +1,1 @@
+"""Mask refinement service: coarse tissue masks -> fine tissue masks (PriorPath U-Net)."""

@@ -1,0 +1,172 @@
+"""Coarse tissue masks -> fine tissue masks with the PriorPath refiner (pix2pix U-Net); numpy only.
+
+Steps, each defined by the refiner's manifest metadata (written by training/export):
+  1. coarse {0, 1} masks -> float32 [N, 1, H, W] with tissue = +1, air = -1 (the training encoding);
+  2. reflect-pad H and W up to a multiple of ``size_multiple`` (the U-Net halves the size
+     ``num_downs`` times), so any size is accepted, then crop the output back;
+  3. one batched call through the model's DynamicBatcher;
+  4. fine mask = output > ``threshold`` (0 for a tanh output), uint8 {0, 1}.
+Optionally a single-pixel noise label (mask_ops.noise_label) per mask, sample i seeded
+with ``seed + i``, for the renderer that usually follows.
+
+No protobuf here: the servicer, the generation service and the CLI all call
+:meth:`RefinementPipeline.refine` with numpy arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core import mask_ops
+from services.core.errors import InvalidInputError
+from services.model_host import ModelHost, ModelRef, ServedModel, ceil_to_multiple, required_multiple
+
+DEFAULT_REFINER = "mask-refiner"
+# pix2pix U-Net 256 has 8 stride-2 levels; used only when a manifest has no size_multiple.
+DEFAULT_REFINER_SIZE_MULTIPLE = 256
+# Masks bigger than this are refused (INVALID_ARGUMENT): the U-Net holds whole feature maps in
+# memory (about 2.5 GB for one 4096 x 4096 mask), and all masks of a request run at once.
+MAX_PIXELS_PER_MASK = 4096 * 4096
+MAX_PIXELS_PER_REQUEST = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """uint8 [N, H, W] fine masks in {0, 1}; noise labels likewise when asked for."""
+
+    fine_masks: np.ndarray
+    noise_labels: np.ndarray | None
+    model: ModelRef
+
+
+def as_mask_batch(masks: np.ndarray, name: str = "coarse_masks") -> np.ndarray:
+    """[H, W] or [N, H, W] binary masks (bool or integer {0, 1}) -> uint8 [N, H, W]; raises naming ``name``."""
+    masks = np.asarray(masks)
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3:
+        raise InvalidInputError(f"{name}: expected [N, H, W] or [H, W], got shape {list(masks.shape)}")
+    if masks.dtype != np.bool_ and not np.issubdtype(masks.dtype, np.integer):
+        raise InvalidInputError(f"{name}: expected uint8 or bool masks, got {masks.dtype}")
+    if 0 in masks.shape:
+        raise InvalidInputError(f"{name}: empty masks (shape {list(masks.shape)}); send at least one 1 x 1 mask")
+    if masks.dtype != np.bool_:
+        low, high = int(masks.min()), int(masks.max())
+        if low < 0 or high > 1:
+            raise InvalidInputError(
+                f"{name}: mask values must be 0 (air) or 1 (tissue), found values in [{low}, {high}]"
+            )
+    return masks.astype(np.uint8, copy=False)
+
+
+def reflect_pad(batch: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
+    """Reflect-pad the last two axes of ``batch`` up to multiples of ``multiple``.
+
+    Returns (padded, height, width) with the original size for cropping back. Reflection
+    (not zeros) keeps the border looking like tissue/air that continues, which is what a
+    convolutional model saw in training.
+    """
+    height, width = batch.shape[-2:]
+    pad_h = ceil_to_multiple(height, multiple) - height
+    pad_w = ceil_to_multiple(width, multiple) - width
+    if pad_h == 0 and pad_w == 0:
+        return batch, height, width
+    # numpy's reflect needs a size >= 2 on a padded axis; a 1-pixel axis is edge-extended instead.
+    widths = [(0, 0)] * (batch.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    mode = "reflect" if min(height, width) > 1 else "edge"
+    return np.pad(batch, widths, mode=mode), height, width
+
+
+class RefinementPipeline:
+    """Runs refiner models hosted by a ModelHost (one batcher per model version)."""
+
+    def __init__(self, host: ModelHost, default_model: str = DEFAULT_REFINER) -> None:
+        self.host = host
+        self.default_model = default_model
+
+    async def refine(
+        self,
+        coarse_masks: np.ndarray,
+        *,
+        stain: str = "",
+        model: str = "",
+        version: str = "",
+        noise_spacing: float = 0.0,
+        seed: int = 0,
+        deadline: float | None = None,
+    ) -> RefineResult:
+        """Refine ``coarse_masks`` ([N, H, W] or [H, W], {0, 1}) into fine uint8 [N, H, W] masks.
+
+        ``stain`` ("he", "ihc"; empty = the model's) is checked against the refiner's stain.
+        ``noise_spacing`` > 0 also returns noise labels; sample i uses ``seed + i``.
+        ``deadline`` is absolute ``time.monotonic()`` seconds, or None.
+        """
+        masks = as_mask_batch(coarse_masks)
+        count, height, width = masks.shape
+        if height * width > MAX_PIXELS_PER_MASK or count * height * width > MAX_PIXELS_PER_REQUEST:
+            raise InvalidInputError(
+                f"coarse_masks: {count} masks of {height} x {width} exceed the limits of {MAX_PIXELS_PER_MASK} "
+                f"pixels per mask and {MAX_PIXELS_PER_REQUEST} per request; send smaller or fewer masks"
+            )
+        if not np.isfinite(noise_spacing) or noise_spacing < 0:
+            raise InvalidInputError(f"noise_spacing must be >= 0 (0 = no noise label), got {noise_spacing}")
+        check_seed(seed, masks.shape[0])
+        served = await self.host.get(model or self.default_model, version or None)
+        check_stain(served, stain)
+
+        fine = await self.run_model(served, masks, deadline)
+        noise = None
+        if noise_spacing > 0:
+            noise = await asyncio.to_thread(noise_labels, masks.shape, noise_spacing, seed)
+        return RefineResult(fine_masks=fine, noise_labels=noise, model=served.ref)
+
+    @staticmethod
+    async def run_model(served: ServedModel, masks: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """uint8 [N, H, W] {0, 1} masks -> uint8 [N, H, W] {0, 1} refined masks through ``served``."""
+        metadata = served.metadata
+        multiple = required_multiple(metadata.get("size_multiple"), DEFAULT_REFINER_SIZE_MULTIPLE)
+        threshold = float(metadata.get("threshold", 0.0))
+        input_spec, output_spec = served.manifest.inputs[0], served.manifest.outputs[0]
+        height, width = masks.shape[1:]
+
+        def encode() -> np.ndarray:
+            encoded = np.where(masks != 0, np.float32(1.0), np.float32(-1.0))[:, None, :, :]
+            return reflect_pad(encoded, multiple)[0].astype(input_spec.numpy_dtype, copy=False)
+
+        # numpy work runs in worker threads so that large masks never stall the event loop.
+        model_input = await asyncio.to_thread(encode)
+        outputs = await served.infer({input_spec.name: model_input}, deadline)
+        fine = outputs[output_spec.name][:, 0, :height, :width]
+        return await asyncio.to_thread(lambda: (fine > threshold).astype(np.uint8))
+
+
+def noise_labels(shape: tuple[int, int, int], spacing: float, seed: int) -> np.ndarray:
+    """uint8 [N, H, W] noise labels; sample i from ``seed + i`` (mask_ops.noise_label)."""
+    count, height, width = shape
+    return np.stack([mask_ops.noise_label((height, width), spacing, seed + index) for index in range(count)])
+
+
+def check_stain(served: ServedModel, stain: str) -> None:
+    """Refuse a known stain the model was not trained for; refuse unknown stain names."""
+    if not stain:
+        return
+    key = stain.lower()
+    if key not in mask_ops.TISSUE_THRESHOLDS:
+        raise InvalidInputError(f"unknown stain {stain!r}; valid stains: {sorted(mask_ops.TISSUE_THRESHOLDS)}")
+    model_stain = served.metadata.get("stain")
+    if model_stain and str(model_stain).lower() != key:
+        raise InvalidInputError(
+            f"model {served.manifest.key} refines {model_stain!r} masks, not {stain!r}; "
+            f"pick a refiner trained for {stain!r} or leave stain empty"
+        )
+
+
+def check_seed(seed: int, count: int) -> None:
+    """Seeds ``seed .. seed + count - 1`` must fit the uint64 the wire carries."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+    if int(seed) + count - 1 >= 2**64:
+        raise InvalidInputError(f"seed {seed} + {count} samples overflows 64 bits; use a smaller seed")

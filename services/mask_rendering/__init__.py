@@ -1,0 +1,1 @@
+"""Mask rendering service: semantic class masks (+ noise label, + instance edges) -> RGB images."""

@@ -1,0 +1,308 @@
+"""Models of one kind, each served through its own DevicePool behind a DynamicBatcher.
+
+The serving core provides the parts (ModelStore, runtimes, DevicePool, DynamicBatcher);
+this module wires them per model version so that every entry point of a service
+(domain RPCs, the KServe v2 endpoint, in-process pipelines used by generation or the
+CLI) shares one batcher per model: requests from all of them merge into the same
+batches and obey the same queue limits.
+
+A ModelHost serves the models of the kinds it is given (the refinement service hosts
+"refiner" models, the rendering service "renderer" models). Latest versions are loaded
+at start-up so readiness means "can answer now"; an older version asked for by number
+is loaded on first use. Unknown names, versions or kinds raise ModelNotFoundError listing
+what the host can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.core.config import ServerConfig
+from services.core.device_pool import DevicePool
+from services.core.dynamic_batcher import BatcherConfig, DynamicBatcher
+from services.core.errors import HistosynthError, ModelNotFoundError, UnavailableError
+from services.core.model_store import MANIFEST_FILE, ModelManifest, ModelStore, parse_manifest
+from services.core.runtimes.base import RuntimeOptions
+from services.core.runtimes.registry import create_runtime
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """How each hosted model is run; see ServerConfig for what each field means."""
+
+    devices: tuple[str, ...] = ("cpu",)
+    instances_per_device: int = 1
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 256
+    runtime_options: RuntimeOptions = RuntimeOptions()
+    # A runtime call slower than this marks its instance unhealthy (DevicePool); None = never.
+    instance_timeout_s: float | None = 120.0
+
+    @classmethod
+    def from_server_config(cls, config: ServerConfig) -> HostSettings:
+        return cls(
+            devices=config.devices,
+            instances_per_device=config.instances_per_device,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_ms=config.max_queue_delay_ms,
+            max_queue_size=config.max_queue_size,
+            runtime_options=config.runtime_options(),
+        )
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which exact model produced an output (travels into provenance)."""
+
+    name: str
+    version: str
+    sha256: str
+
+
+class ServedModel:
+    """One model version: its manifest, its runtime instances and its batcher."""
+
+    def __init__(self, manifest: ModelManifest, pool: DevicePool, batcher: DynamicBatcher) -> None:
+        self.manifest = manifest
+        self.pool = pool
+        self.batcher = batcher
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.manifest.name, self.manifest.version, self.manifest.sha256)
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return self.manifest.metadata
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batcher.config.max_batch_size
+
+    async def infer(self, feeds: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Run ``feeds`` (batch on axis 0) through the batcher; outputs keep the input's row order.
+
+        More rows than the batcher's max_batch_size are sent as several requests at once and
+        joined again; runtimes here give the same bits for a sample whatever batch it is in
+        (see tests/integration/test_determinism.py), so splitting never changes results.
+        ``deadline`` is absolute ``time.monotonic()`` seconds, or None.
+        """
+        rows = _batch_rows(feeds)
+        limit = self.max_batch_size
+        if rows <= limit:
+            return await self.batcher.submit(feeds, deadline=deadline)
+        chunks = [
+            {name: array[start:start + limit] for name, array in feeds.items()}
+            for start in range(0, rows, limit)
+        ]
+        parts = await asyncio.gather(*(self.batcher.submit(chunk, deadline=deadline) for chunk in chunks))
+        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+
+    async def close(self, drain: bool = True) -> None:
+        await self.batcher.stop(drain=drain)
+        await asyncio.to_thread(self.pool.close)
+
+
+def _batch_rows(feeds: Mapping[str, np.ndarray]) -> int:
+    sizes = {array.shape[0] for array in feeds.values() if array.ndim > 0}
+    return max(sizes) if sizes else 0
+
+
+class ModelHost:
+    """Loads, batches and serves the models of ``kinds`` found in ``store``.
+
+    Use ``await host.start()`` (loads every latest version) and ``await host.stop()``.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        kinds: Collection[str],
+        settings: HostSettings = HostSettings(),
+        *,
+        names: Collection[str] | None = None,
+    ) -> None:
+        if not kinds:
+            raise ValueError("kinds must name at least one model kind")
+        self.store = store
+        self.kinds = frozenset(kinds)
+        self.settings = settings
+        self._only_names = None if names is None else frozenset(names)
+        self._models: dict[tuple[str, str], ServedModel] = {}
+        self._loading: dict[tuple[str, str], asyncio.Lock] = {}
+        self._hosted: list[str] | None = None  # cached model_names(); refreshed on a miss
+        # "name/version" -> why it failed to load; such a model is UNAVAILABLE, the others still serve.
+        self.load_errors: dict[str, str] = {}
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------- catalogue
+    def model_names(self, refresh: bool = False) -> list[str]:
+        """Names of the store's models whose latest manifest has one of this host's kinds.
+
+        Cached after the first scan; ``refresh`` rescans the store (done on a lookup miss,
+        so a model copied into the store later is found without a restart).
+        """
+        if self._hosted is not None and not refresh:
+            return list(self._hosted)
+        names = []
+        for name in self.store.list_models():
+            if self._only_names is not None and name not in self._only_names:
+                continue
+            try:
+                manifest = self._latest_manifest(name)
+            except HistosynthError as error:
+                # Unreadable manifest: its kind is unknown, so no host can serve it; say so once.
+                if self.load_errors.get(name) != error.message:
+                    _log.error("skipping model %r: %s", name, error.message)
+                self.load_errors[name] = error.message
+                continue
+            self.load_errors.pop(name, None)
+            if manifest.kind in self.kinds:
+                names.append(name)
+        self._hosted = names
+        return list(names)
+
+    def _latest_manifest(self, name: str) -> ModelManifest:
+        """The latest version's manifest, parsed but not checksummed (that happens at load)."""
+        latest = self.store.versions(name)[-1]
+        loaded = self._models.get((name, latest))
+        if loaded is not None:
+            return loaded.manifest
+        return parse_manifest(self.store.root / name / latest / MANIFEST_FILE)
+
+    def versions(self, name: str) -> list[str]:
+        """Versions of a hosted model, ascending; ModelNotFoundError when it is not hosted here."""
+        if name not in self.model_names() and name not in self.model_names(refresh=True):
+            raise ModelNotFoundError(name, None, self.model_names())
+        return self.store.versions(name)
+
+    def loaded(self) -> list[ServedModel]:
+        """Models loaded right now, sorted by name then version."""
+        return [self._models[key] for key in sorted(self._models, key=lambda key: (key[0], int(key[1])))]
+
+    def is_ready(self, name: str, version: str | None = None) -> bool:
+        try:
+            version = version or self.store.versions(name)[-1]
+        except HistosynthError:
+            return False
+        return (name, version) in self._models
+
+    # ------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Load the latest version of every hosted model (blocking loads run in a thread).
+
+        A model that fails to load (bad file, checksum, runtime) is logged and recorded in
+        ``load_errors``; it stays unavailable while the others serve (as in Triton). Requests
+        for it retry the load and fail with the load error until it is fixed.
+        """
+        if self._started:
+            raise RuntimeError("ModelHost is already started")
+        self._started = True
+        for name in self.model_names(refresh=True):
+            try:
+                await self.get(name)
+            except HistosynthError as error:
+                _log.error("model %r failed to load and is unavailable: %s", name, error.message)
+        _log.info("model host ready: %s", [model.manifest.key for model in self.loaded()])
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop every batcher (draining accepted work when ``drain``) and close the runtimes."""
+        self._stopped = True
+        models, self._models = list(self._models.values()), {}
+        await asyncio.gather(*(model.close(drain=drain) for model in models), return_exceptions=True)
+
+    async def __aenter__(self) -> ModelHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -------------------------------------------------------------------- lookup
+    async def get(self, name: str, version: str | None = None) -> ServedModel:
+        """The served model ``name`` at ``version`` (latest when None or empty), loading it if needed."""
+        if self._stopped:
+            raise UnavailableError("the model host is shutting down; retry against another replica")
+        if name not in self.model_names() and name not in self.model_names(refresh=True):
+            raise ModelNotFoundError(name, version or None, self.model_names())
+        versions = self.store.versions(name)
+        chosen = version or versions[-1]
+        if chosen not in versions:
+            raise ModelNotFoundError(name, chosen, [f"{name}/{known}" for known in versions])
+        key = (name, chosen)
+        model = self._models.get(key)
+        if model is not None:
+            return model
+        lock = self._loading.setdefault(key, asyncio.Lock())
+        async with lock:
+            model = self._models.get(key)
+            if model is None:
+                try:
+                    model = await self._load(name, chosen)
+                except HistosynthError as error:
+                    self.load_errors[f"{name}/{chosen}"] = error.message
+                    raise
+                self.load_errors.pop(f"{name}/{chosen}", None)
+                self._models[key] = model
+        return model
+
+    async def _load(self, name: str, version: str) -> ServedModel:
+        manifest = await asyncio.to_thread(self.store.get, name, version)
+        if manifest.kind not in self.kinds:
+            raise ModelNotFoundError(name, version, self.model_names())
+        settings = self.settings
+
+        def factory(device: str):  # noqa: ANN202 - DevicePool's RuntimeFactory
+            return create_runtime(manifest, device, settings.runtime_options)
+
+        pool = await asyncio.to_thread(
+            DevicePool,
+            factory,
+            settings.devices,
+            settings.instances_per_device,
+            instance_timeout_s=settings.instance_timeout_s,
+            model_name=manifest.name,
+            model_version=manifest.version,
+        )
+        batcher = DynamicBatcher(
+            pool.infer,
+            BatcherConfig(
+                max_batch_size=max(1, min(settings.max_batch_size, manifest.max_batch_size)),
+                max_queue_delay_ms=settings.max_queue_delay_ms,
+                max_queue_size=settings.max_queue_size,
+                max_concurrent_batches=pool.instance_count,
+            ),
+            manifest.name,
+            manifest.version,
+        )
+        await batcher.start()
+        _log.info(
+            "loaded model %s on %s",
+            manifest.key,
+            ", ".join(f"{info.device}({info.provider})" for info in pool.instances),
+        )
+        return ServedModel(manifest, pool, batcher)
+
+
+def required_multiple(value: Any, default: int) -> int:
+    """A positive int from manifest metadata (e.g. ``size_multiple``), or ``default`` when absent."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def ceil_to_multiple(size: int, multiple: int) -> int:
+    return int(math.ceil(size / multiple) * multiple)
