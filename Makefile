@@ -15,10 +15,11 @@ help:
 	@echo "make test   - install everything and run the test suite"
 	@echo "make bench  - benchmarks (JSON under bench/results/)"
 
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): $(LOCK) requirements/dev-nodeps.lock pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -r requirements/dev-nodeps.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
