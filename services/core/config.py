@@ -118,6 +118,13 @@ class ServerConfig:
         "Largest gRPC message sent or received, in bytes; bigger requests fail with RESOURCE_EXHAUSTED.",
         _at_least(1024),
     )
+    max_concurrent_rpcs: int | None = setting(
+        1024,
+        "Calls (unary and streaming, health watches included) the server handles at once; beyond it gRPC "
+        "refuses new calls with RESOURCE_EXHAUSTED before they are read, so overload cannot pile up "
+        "unbounded work in memory ahead of the model queues. 'off' removes the bound.",
+        lambda value: None if value is None or value >= 1 else "must be >= 1 (or 'off')",
+    )
     intra_op_threads: int = setting(
         0, "Threads inside one operator of a runtime (ONNX Runtime intra-op pool); 0 = library default.",
         _at_least(0),
@@ -132,9 +139,67 @@ class ServerConfig:
     log_format: Literal["json", "text"] = setting(
         "json", f"Log line format: {' or '.join(LOG_FORMATS)} (JSON lines for log pipelines)."
     )
+    # ------------------------------------------------------------------ security
+    # Files are read once at start-up (start_server); a missing or malformed file stops
+    # the server with an error naming the variable and the path.
+    tls_cert: Path | None = setting(
+        None,
+        "PEM certificate chain the gRPC server presents; set together with HISTOSYNTH_TLS_KEY to serve "
+        "TLS only (no plaintext port). 'off' (default) serves plaintext.",
+    )
+    tls_key: Path | None = setting(
+        None, "PEM private key of HISTOSYNTH_TLS_CERT (keep it readable by the server user only)."
+    )
+    tls_client_ca: Path | None = setting(
+        None,
+        "PEM CA bundle that client certificates are verified against (mutual TLS); needs HISTOSYNTH_TLS_CERT. "
+        "Without HISTOSYNTH_TLS_REQUIRE_CLIENT_CERT a client may still connect without a certificate.",
+    )
+    tls_require_client_cert: bool = setting(
+        False,
+        "Refuse TLS handshakes from clients without a certificate signed by HISTOSYNTH_TLS_CLIENT_CA (mTLS).",
+    )
+    auth_token_file: Path | None = setting(
+        None,
+        "File holding the bearer token every call must send as metadata 'authorization: Bearer <token>' "
+        "(a file, e.g. a mounted Kubernetes Secret, so the token never sits in the environment or logs). "
+        "grpc.health.v1.Health stays open for kubelet probes. Read at start; rotate by restarting.",
+    )
+    auth_open_reflection: bool = setting(
+        False,
+        "With HISTOSYNTH_AUTH_TOKEN_FILE set, also serve server reflection without a token "
+        "(by default reflection needs the token like every API call: it lists the whole API).",
+    )
+    allow_insecure_bind: bool = setting(
+        False,
+        "Allow binding a non-loopback HISTOSYNTH_HOST with neither TLS nor a bearer token (e.g. behind a "
+        "service mesh that terminates mTLS). Without it such a server refuses to start.",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
+        self._check_security_settings()
+
+    def _check_security_settings(self) -> None:
+        """Combinations that would silently serve less securely than asked for."""
+        cert, key = env_name(ENV_PREFIX, "tls_cert"), env_name(ENV_PREFIX, "tls_key")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given = cert if self.tls_cert is not None else key
+            raise ConfigError(f"{given} is set but not its pair: set both {cert} and {key}, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                f"{env_name(ENV_PREFIX, 'tls_client_ca')}={str(self.tls_client_ca)!r}: client certificates "
+                f"need a TLS server; also set {cert} and {key}"
+            )
+        if self.tls_require_client_cert and self.tls_client_ca is None:
+            raise ConfigError(
+                f"{env_name(ENV_PREFIX, 'tls_require_client_cert')}=true needs "
+                f"{env_name(ENV_PREFIX, 'tls_client_ca')} (the CA that signs accepted client certificates)"
+            )
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
 
     @classmethod
     def from_env(

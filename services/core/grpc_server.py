@@ -14,6 +14,14 @@ drain on SIGTERM/SIGINT so a rolling update never cuts a render off mid-way:
 Health and reflection keep answering during the drain (a probe must be able to see
 NOT_SERVING) and are left out of the call metrics, which would otherwise mostly count probes.
 
+Security (services.core.security, configured by HISTOSYNTH_TLS_* / HISTOSYNTH_AUTH_*): the port
+is TLS-only when a certificate is configured (optionally mutual TLS), a bearer-token
+interceptor runs before everything else when a token file is configured (health always
+open for kubelet probes; reflection only with HISTOSYNTH_AUTH_OPEN_REFLECTION), and a
+non-loopback bind with neither is refused unless HISTOSYNTH_ALLOW_INSECURE_BIND=1.
+The metrics endpoint stays plaintext HTTP without auth (Prometheus convention; it
+exposes counters only): keep it on a port only the scraper can reach.
+
 Usage from a service's ``__main__``::
 
     config = ServerConfig.from_env()
@@ -36,9 +44,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.core import metrics
+from services.core import metrics, security
 from services.core.config import ServerConfig
-from services.core.errors import HistosynthError
+from services.core.errors import HistosynthError, InvalidInputError
 from services.core.logging import configure_logging
 
 _log = logging.getLogger(__name__)
@@ -113,8 +121,39 @@ class _DrainState:
             self.idle.set()
 
 
+class _RequestDecoder:
+    """Deserialises request bytes, turning a malformed message into InvalidInputError.
+
+    Any exception a generated deserializer raises (protobuf's DecodeError, ...) means the
+    bytes are not the method's request message; services.core imports no protobuf, so it is
+    caught by the base class. Handlers must consume streamed requests through their request
+    iterator (``context.read()`` would see raw bytes).
+    """
+
+    def __init__(self, deserializer: Callable[[bytes], Any] | None, full_method: str) -> None:
+        self._deserializer = deserializer
+        self._method = full_method
+
+    def one(self, raw: Any) -> Any:
+        if self._deserializer is None:
+            return raw
+        try:
+            return self._deserializer(raw)
+        except Exception as error:
+            raise InvalidInputError(
+                f"the request body ({len(raw)} bytes) is not a valid request message for {self._method}: "
+                f"{type(error).__name__}: {error}; check that the client uses this server's .proto files"
+            ) from None
+
+    async def stream(self, raw_iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for raw in raw_iterator:
+            yield self.one(raw)
+
+
 class ServingInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls while draining, records call metrics, maps exceptions to status codes.
+    """Refuses calls while draining, decodes requests, records call metrics, maps exceptions to status codes.
+
+    A request that does not parse as its method's message is INVALID_ARGUMENT (see _RequestDecoder).
 
     A HistosynthError becomes its own status (``error.status``) with its message; any
     other exception becomes INTERNAL with the exception named, is logged with its
@@ -133,59 +172,66 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         service, method = split_method(handler_call_details.method)
         if handler is None or service in INFRASTRUCTURE_SERVICES:
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.unary_unary, service, method),
-                request_deserializer=handler.request_deserializer,
+        # Requests are decoded inside the wrapper (the handlers get no deserializer), so bytes
+        # that are not a valid message answer INVALID_ARGUMENT through the same error path as
+        # every other bad input, instead of grpc's generic UNKNOWN.
+        decode = _RequestDecoder(handler.request_deserializer, f"{service}/{method}")
+        streaming_request = handler.stream_unary is not None or handler.stream_stream is not None
+        prepare = decode.stream if streaming_request else decode.one
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary is not None
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return make(
+                self._wrap_unary_response(handler.unary_unary or handler.stream_unary, service, method, prepare),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.stream_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        wrap = (
-            self._wrap_generator
-            if inspect.isasyncgenfunction(handler.unary_stream or handler.stream_stream)
-            else self._wrap_writer
+        behavior = handler.unary_stream or handler.stream_stream
+        wrap = self._wrap_generator if inspect.isasyncgenfunction(behavior) else self._wrap_writer
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream is not None
+            else grpc.stream_stream_rpc_method_handler
         )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream, service, method),
-            request_deserializer=handler.request_deserializer,
+        return make(
+            wrap(behavior, service, method, prepare),
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap_unary_response(self, behavior: Callable[..., Any], service: str, method: str) -> Any:
+    def _wrap_unary_response(
+        self, behavior: Callable[..., Any], service: str, method: str, prepare: Callable[[Any], Any]
+    ) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._served(service, method, context):
-                result = behavior(request, context)
+                result = behavior(prepare(request), context)
                 if inspect.isawaitable(result):
                     result = await result
                 return result
 
         return call
 
-    def _wrap_generator(self, behavior: Callable[..., Any], service: str, method: str) -> Any:
+    def _wrap_generator(
+        self, behavior: Callable[..., Any], service: str, method: str, prepare: Callable[[Any], Any]
+    ) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._served(service, method, context):
-                async for response in behavior(request, context):
+                async for response in behavior(prepare(request), context):
                     yield response
 
         return call
 
-    def _wrap_writer(self, behavior: Callable[..., Any], service: str, method: str) -> Any:
+    def _wrap_writer(
+        self, behavior: Callable[..., Any], service: str, method: str, prepare: Callable[[Any], Any]
+    ) -> Any:
         """Streaming handlers that ``await context.write(...)`` (or return a sync iterable)."""
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
             async with self._served(service, method, context):
-                result = behavior(request, context)
+                result = behavior(prepare(request), context)
                 if inspect.isawaitable(result):
                     await result
                 elif result is not None:
@@ -262,8 +308,13 @@ class RunningServer:
         metrics_server: metrics.MetricsHttpServer | None,
         default_grace_s: float,
         shutdown_hooks: Sequence[ShutdownHook] = (),
+        *,
+        tls_enabled: bool = False,
+        auth_enabled: bool = False,
     ) -> None:
         self.server = server
+        self.tls_enabled = tls_enabled  # clients must dial with TLS channel credentials
+        self.auth_enabled = auth_enabled  # calls other than health (and maybe reflection) need the token
         self.host = host
         self.port = port
         self.service_names = service_names
@@ -376,9 +427,28 @@ async def start_server(
     if len(set(names)) != len(names):
         raise ValueError(f"service registered twice: {names}")
 
+    # Read every security file before binding anything: a bad mount fails here, with its variable named.
+    tls = security.load_tls_material(config)
+    token = None if config.auth_token_file is None else security.read_token_file(config.auth_token_file)
+    security.check_bind_exposure(
+        config,
+        tls=tls is not None,
+        auth=token is not None,
+        client_certs=tls is not None and tls.require_client_cert,
+    )
+
     state = _DrainState()
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if token is not None:
+        open_services = {HEALTH_SERVICE_NAME}
+        if config.auth_open_reflection:
+            open_services.add(REFLECTION_SERVICE_NAME)
+        # First, so an unauthenticated call is refused before it counts as in flight or is parsed.
+        interceptors.append(security.BearerTokenInterceptor(token, open_services))
+    interceptors.append(ServingInterceptor(state))
     server = grpc.aio.server(
-        interceptors=[ServingInterceptor(state)],
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -395,7 +465,10 @@ async def start_server(
 
     address = _host_port(config.host, config.port)
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.server_credentials())
     except RuntimeError as error:
         raise OSError(f"cannot bind gRPC server to {address}: {error}") from error
     if port == 0:  # older grpc versions report a failed bind this way
@@ -417,6 +490,9 @@ async def start_server(
             "address": _host_port(config.host, port),
             "services": names,
             "metrics_port": None if metrics_server is None else metrics_server.port,
+            "tls": "off" if tls is None else ("mutual" if tls.client_ca is not None else "server"),
+            "client_cert_required": tls is not None and tls.require_client_cert,
+            "auth": "bearer-token" if token is not None else "off",
         },
     )
     return RunningServer(
@@ -429,6 +505,8 @@ async def start_server(
         metrics_server=metrics_server,
         default_grace_s=config.drain_grace_s,
         shutdown_hooks=shutdown_hooks,
+        tls_enabled=tls is not None,
+        auth_enabled=token is not None,
     )
 
 

@@ -305,3 +305,76 @@ async def test_serve_drains_on_sigterm(restore_logging) -> None:
     await asyncio.wait_for(task, 10)
     assert hook_ran.is_set()
     assert started[0].draining
+
+
+# ------------------------------------------------- admission and request decoding
+async def test_calls_beyond_max_concurrent_rpcs_are_resource_exhausted() -> None:
+    servicer = EchoServicer()
+    running = await start_server(
+        [ServiceRegistration(_add_echo, servicer, SERVICE)], _config(max_concurrent_rpcs=2)
+    )
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            held = [asyncio.ensure_future(_unary(channel, "Slow")(b"hold", timeout=10)) for _ in range(2)]
+            for _ in range(200):
+                if running.in_flight == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert running.in_flight == 2
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _unary(channel, "Echo")(b"one too many", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            servicer.release.set()
+            assert await asyncio.gather(*held) == [b"slow done", b"slow done"]
+            assert await _unary(channel, "Echo")(b"room again", timeout=5) == b"room again"
+    finally:
+        await running.stop(0)
+
+
+class _StrictMessage:
+    """A request type whose parser refuses anything but ASCII digits, like a protobuf DecodeError."""
+
+    @staticmethod
+    def parse(payload: bytes) -> int:
+        if not payload.isdigit():
+            raise ValueError(f"not a number: {payload[:10]!r}")
+        return int(payload)
+
+
+def _add_strict(servicer: object, server: grpc.aio.Server) -> None:
+    async def double(number: int, context: grpc.aio.ServicerContext) -> bytes:
+        return str(2 * number).encode()
+
+    async def total(numbers: AsyncIterator[int], context: grpc.aio.ServicerContext) -> bytes:
+        return str(sum([number async for number in numbers])).encode()
+
+    handlers = {
+        "Double": grpc.unary_unary_rpc_method_handler(
+            double, request_deserializer=_StrictMessage.parse, response_serializer=lambda payload: payload
+        ),
+        "Total": grpc.stream_unary_rpc_method_handler(
+            total, request_deserializer=_StrictMessage.parse, response_serializer=lambda payload: payload
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("histosynth.test.Strict", handlers),))
+
+
+async def test_undecodable_requests_are_invalid_argument_not_unknown() -> None:
+    running = await start_server([ServiceRegistration(_add_strict, object(), "histosynth.test.Strict")], _config())
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            double = channel.unary_unary("/histosynth.test.Strict/Double")
+            assert await double(b"21", timeout=5) == b"42"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await double(b"\xff\x00garbage", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid request message for histosynth.test.Strict/Double" in refused.value.details()
+
+            total = channel.stream_unary("/histosynth.test.Strict/Total")
+            assert await total(iter([b"1", b"2", b"3"]), timeout=5) == b"6"
+            with pytest.raises(grpc.aio.AioRpcError) as refused_stream:
+                await total(iter([b"1", b"oops"]), timeout=5)
+            assert refused_stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert await double(b"5", timeout=5) == b"10"  # still serving
+    finally:
+        await running.stop(0)
