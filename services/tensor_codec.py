@@ -121,6 +121,14 @@ def array_from_bytes(
     negative = [dim for dim in shape if dim < 0]
     if negative:
         raise InvalidInputError(f"{name}: shape {shape} has negative dimensions; every size must be >= 0")
+    # Each axis is capped on its own too: a zero-size axis makes the product 0, which would
+    # otherwise let [2**40, 0, 2**40] through to numpy's reshape.
+    oversized = [dim for dim in shape if dim > limits.max_elements]
+    if oversized:
+        raise InvalidInputError(
+            f"{name}: shape {shape} has an axis of {oversized[0]}, more than the limit of "
+            f"{limits.max_elements} elements; send smaller tensors or split the request"
+        )
     elements = math.prod(shape)
     if elements > limits.max_elements:
         raise InvalidInputError(

@@ -189,13 +189,6 @@ def test_tensor_to_array_returns_valid_arrays_or_refuses_clearly(
     assert allowed is None or array.dtype in {np.dtype(d).newbyteorder("=") for d in allowed}
 
 
-@pytest.mark.xfail(
-    reason="services/tensor_codec.py: with allow_empty=True a zero-element shape such as [2**40, 0, 2**40] passes the "
-    "element limit and numpy's reshape raises ValueError (found by tests/fuzz/fuzz_tensor_codec.py; no servicer "
-    "passes allow_empty=True today; reported to the lead)",
-    raises=ValueError,
-    strict=False,
-)
 def test_empty_tensor_with_a_gigantic_axis_is_refused() -> None:
     tensor = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[2**40, 0, 2**40], data=b"")
     with pytest.raises(InvalidInputError):
