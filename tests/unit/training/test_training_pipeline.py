@@ -1,0 +1,159 @@
+"""Smoke tests for the training stage: 2-step runs of every shipped config on the fixture data (then resume for
+one more step), export parity of a tiny random model, and the manifest loading through ModelStore.
+
+Configs are the shipped YAML files shrunk (tiny widths, 64-128 px crops) so the file stays well under a minute
+on 2 cores; the code paths (datasets, losses, trainers, checkpoint/resume, grids, logs, export) are the real ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from training.export.onnx_export import ModelCard, ParityError, export_to_model_store  # noqa: E402
+from training.train import load_config, main as train_main  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+REPO = Path(__file__).resolve().parents[3]
+CONFIGS = REPO / "training" / "configs"
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
+SHIPPED = ["mask-refiner", "renderer-he-nuclei", "renderer-he-glands", "renderer-ihc"]
+
+
+def tiny_config(name: str) -> dict:
+    config = copy.deepcopy(load_config(CONFIGS / f"{name}.yaml"))
+    if config["trainer"] == "pix2pix":
+        config["generator"] = {"ngf": 4, "num_downs": 5, "max_mult": 4}
+        config["discriminator"] = {"ndf": 4, "n_layers": 3}
+        config["data"]["crop"] = 64
+        config["data"]["epoch_length"] = 4
+    else:
+        config["generator"] = {"ngf": 4, "n_downsample": 2, "n_blocks": 1}
+        config["discriminator"] = {"ndf": 4, "n_layers": 2, "num_scales": 2}
+        config["data"]["crop"] = 64
+        for source in config["data"]["sources"]:
+            source["epoch_length"] = 3
+    config["export"]["metadata"]["tile_size"] = 64
+    config["export"]["parity_sizes"] = [[64, 64], [64, 96]]
+    config["train"].update(steps=2, sample_every=2, checkpoint_every=2, log_every=1, num_threads=2)
+    return config
+
+
+def write_config(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / f"{config['name']}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_two_step_training_writes_checkpoint_grid_log_and_resumes(tmp_path: Path, name: str) -> None:
+    config_path = write_config(tmp_path, tiny_config(name))
+    out = tmp_path / "run"
+    train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+
+    checkpoint = torch.load(out / "latest.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["step"] == 2
+    assert (out / "samples_000002.png").is_file()
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r and "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(np.isfinite(v) for r in steps for k, v in r.items() if k not in ("step",))
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["train"], "the grouped split must give the training set at least one group"
+
+    # resume: same out dir, one more step; continues from step 2 instead of restarting
+    train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out), "--steps", "3"])
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert {"event": "resumed", "step": 2} in records
+    assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]
+    assert torch.load(out / "latest.pt", map_location="cpu", weights_only=False)["step"] == 3
+
+
+def test_export_cli_writes_manifest_that_model_store_loads(tmp_path: Path) -> None:
+    model_store = pytest.importorskip("services.core.model_store")
+    from training.export.__main__ import main as export_main
+
+    config_path = write_config(tmp_path, tiny_config("renderer-ihc"))
+    out = tmp_path / "run"
+    train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+    store = tmp_path / "model_store"
+    version_dir = export_main(["--config", str(config_path), "--checkpoint", str(out / "latest.pt"), "--version", "1",
+                               "--store-root", str(store), "--data-root", str(FIXTURE_DATA)])
+
+    assert {p.name for p in version_dir.iterdir()} >= {"model.onnx", "manifest.yaml", "MODEL_CARD.md"}
+    manifest = model_store.ModelStore(store).get("renderer-ihc")
+    assert manifest.version == "1" and manifest.kind == "renderer" and manifest.format == "onnx"
+    model_store.ModelStore(store).verify_checksum(manifest)
+    assert manifest.metadata["num_classes"] == 4
+    assert manifest.metadata["input_channels"][-1] == "noise"
+    assert manifest.provenance["steps"] == 2
+    assert manifest.metrics["onnx_parity_max_abs"] < 1e-3
+    card = (version_dir / "MODEL_CARD.md").read_text()
+    assert "## Scores" in card and "non-commercial" in card
+
+
+def _tiny_renderer() -> torch.nn.Module:
+    from training.models.pix2pixhd_global import GlobalGenerator
+
+    torch.manual_seed(0)
+    return GlobalGenerator(in_channels=5, ngf=4, n_downsample=2, n_blocks=1)
+
+
+PROVENANCE = {"training_commit": "test", "config": {}, "seed": 0, "data": ["none"], "steps": 0,
+              "train_seconds": 0.0, "hardware": "test"}
+AXES = {"label": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "height", 3: "width"}}
+
+
+def test_export_parity_at_two_sizes_and_dynamic_axes(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    version_dir = export_to_model_store(
+        _tiny_renderer(), (torch.zeros(1, 5, 64, 64),), name="tiny-renderer", version=1, kind="test",
+        input_names=["label"], output_names=["image"], dynamic_axes=AXES, metadata={"num_classes": 4},
+        provenance=PROVENANCE, store_root=tmp_path, parity_sizes=[(64, 64), (48, 80)], atol=1e-4,
+        card=ModelCard("tiny", "s", "d", "i", "l"),
+    )
+    manifest = yaml.safe_load((version_dir / "manifest.yaml").read_text())
+    assert manifest["inputs"] == [{"name": "label", "dtype": "float32", "shape": ["batch", 5, "height", "width"]}]
+    assert manifest["outputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert manifest["metrics"]["onnx_parity_max_abs"] < 1e-4
+    assert [tuple(s) for s in manifest["metrics"]["onnx_parity_sizes"]] == [(1, 64, 64), (3, 64, 64), (1, 48, 80),
+                                                                             (3, 48, 80)]
+    # a size never used during export or parity still runs (H/W were not frozen by the example)
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"label": np.zeros((2, 5, 40, 96), np.float32)})[0]
+    assert out.shape == (2, 3, 40, 96)
+    for key in ("name", "version", "kind", "format", "file", "sha256", "max_batch_size", "inputs", "outputs",
+                "metadata", "provenance", "metrics"):
+        assert key in manifest, key
+
+
+def test_export_refuses_existing_version_and_bad_tolerance(tmp_path: Path) -> None:
+    kwargs = dict(name="tiny-renderer", kind="test", input_names=["label"], output_names=["image"],
+                  dynamic_axes=AXES, metadata={}, provenance=PROVENANCE, store_root=tmp_path,
+                  parity_sizes=[(32, 32), (32, 48)])
+    export_to_model_store(_tiny_renderer(), (torch.zeros(1, 5, 32, 32),), version="1", **kwargs)
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_to_model_store(_tiny_renderer(), (torch.zeros(1, 5, 32, 32),), version="1", **kwargs)
+    with pytest.raises(ParityError, match="atol"):
+        export_to_model_store(_tiny_renderer(), (torch.zeros(1, 5, 32, 32),), version="2", atol=0.0, **kwargs)
+    assert not (tmp_path / "tiny-renderer" / "2").exists(), "a failed export must not leave a version directory"
+
+
+def test_build_tensorrt_skips_cleanly_without_gpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from training.export import build_tensorrt
+
+    if build_tensorrt.tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT and CUDA present: the engine build is covered by tests/gpu/training")
+    assert build_tensorrt.main(["--model-dir", str(tmp_path / "absent" / "1")]) == 0
+    assert build_tensorrt.SKIP_MESSAGE in capsys.readouterr().out
+    assert not any(tmp_path.iterdir()), "a skipped build writes nothing"

@@ -1,0 +1,46 @@
+"""GAN losses shared by the pix2pix and pix2pixHD trainers.
+
+LSGAN (Mao et al. 2017): MSE of discriminator scores against 1 (real) / 0 (fake), used by both papers'
+discriminators. Feature matching (pix2pixHD eq. 4): L1 between discriminator features of the real and the
+generated image, every layer but the score map, weighted 4/(n_layers+1) per layer and 1/num_scales per scale,
+times lambda_feat (10 in pix2pixHD). L1 reconstruction for pix2pix with lambda 100. No VGG loss: no pretrained
+weights can be downloaded here.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Scores = torch.Tensor | Sequence[Sequence[torch.Tensor]]
+
+
+def _score_maps(scores: Scores) -> list[torch.Tensor]:
+    """A single PatchGAN gives one score map; a multiscale D gives feature lists whose last entry is the score."""
+    if isinstance(scores, torch.Tensor):
+        return [scores]
+    return [features[-1] for features in scores]
+
+
+def lsgan_loss(scores: Scores, target_is_real: bool) -> torch.Tensor:
+    """Sum over scales of mean((D - target)^2)."""
+    target = 1.0 if target_is_real else 0.0
+    return sum(F.mse_loss(s, torch.full_like(s, target)) for s in _score_maps(scores))
+
+
+def feature_matching_loss(fake_features: Sequence[Sequence[torch.Tensor]],
+                          real_features: Sequence[Sequence[torch.Tensor]], lambda_feat: float = 10.0) -> torch.Tensor:
+    num_scales = len(fake_features)
+    loss = fake_features[0][0].new_zeros(())
+    for fake_scale, real_scale in zip(fake_features, real_features):
+        n_layers = len(fake_scale) - 1  # last entry is the score map
+        layer_weight = 4.0 / n_layers  # pix2pixHD: 4 / (n_layers_D + 1), where its n_layers excludes the first conv
+        for fake, real in zip(fake_scale[:-1], real_scale[:-1]):
+            loss = loss + (1.0 / num_scales) * layer_weight * F.l1_loss(fake, real.detach())
+    return loss * lambda_feat
+
+
+def l1_reconstruction_loss(fake: torch.Tensor, real: torch.Tensor, lambda_l1: float = 100.0) -> torch.Tensor:
+    return F.l1_loss(fake, real) * lambda_l1

@@ -1,0 +1,1 @@
+"""Single-file generator/discriminator definitions (nanoGPT style: readable top to bottom, few options)."""

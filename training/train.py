@@ -1,0 +1,49 @@
+"""Training entry point: `python -m training.train --config training/configs/X.yaml [--steps N] [--data-root P]
+[--out runs/X] [--time-budget SECONDS]`. Resumes from <out>/latest.pt when it exists."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from training.trainers import get_trainer
+
+SUPERVISED_TRAINERS = ("encoder", "segmenter")
+
+
+def load_config(path: Path | str) -> dict:
+    config = yaml.safe_load(Path(path).read_text())
+    # GAN configs describe a generator + discriminator; the supervised scoring models (encoder/segmenter) a `model`.
+    networks = ("model",) if config.get("trainer") in SUPERVISED_TRAINERS else ("generator", "discriminator")
+    for key in ("name", "kind", "trainer", "data", *networks, "train"):
+        if key not in config:
+            raise ValueError(f"config {path} misses required key {key!r}")
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--steps", type=int, default=None, help="total steps (overrides train.steps)")
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="stop (and checkpoint) after this many seconds of this invocation, whatever the step")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (overrides train.num_threads; 1 when two runs share 2 cores)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    if args.threads is not None:
+        config["train"]["num_threads"] = args.threads
+    out = args.out or Path("runs") / config["name"]
+    trainer = get_trainer(config["trainer"])(config, out, args.data_root, steps=args.steps,
+                                             time_budget_s=args.time_budget)
+    state = trainer.fit()
+    print(f"{config['name']}: step {state.step}/{trainer.total_steps}, {state.train_seconds:.1f} s of training, "
+          f"checkpoint {trainer.checkpoint_path()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""pix2pix trainer for the coarse -> fine tissue-mask refiner (PriorPath).
+
+Data: GlaS images; fine = tissue_mask(image, "he") (grayscale < 204), coarse = opening 5x5 then closing 10x10
+(CoarseToFineDataset, built on services.core.mask_ops). Objective: LSGAN + 100 * L1 (pix2pix), D sees
+concat(coarse, fine).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from training.data.datasets import CoarseToFineDataset
+from training.data.shared_layout import load_records, split_records
+from training.losses import l1_reconstruction_loss, lsgan_loss
+from training.models.unet_refiner import PatchDiscriminator, UNetGenerator
+from training.trainers.base import GanTrainer, to_uint8_image
+
+
+def build_generator(config: Mapping[str, Any]) -> UNetGenerator:
+    return UNetGenerator(in_channels=1, out_channels=1, **config["generator"])
+
+
+def set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class Pix2PixTrainer(GanTrainer):
+    def build(self) -> None:
+        data = self.config["data"]
+        records = [r for name in data["datasets"] for r in load_records(self.data_root, name)]
+        split = split_records(records, tuple(data["split_fractions"]), int(data.get("split_seed", self.seed)))
+        self.splits = {k: sorted({r.group for r in v}) for k, v in split.items()}
+
+        def dataset(recs, seed, length):
+            return CoarseToFineDataset(recs, crop=int(data["crop"]), stain=data.get("stain", "he"),
+                                       open_size=int(data.get("open_size", 5)),
+                                       close_size=int(data.get("close_size", 10)),
+                                       seed=seed, length=length, cache=True)
+
+        self.train_set = dataset(split["train"], self.seed, int(data.get("epoch_length", 1000)))
+        self.preview_set = dataset(split["val"] or split["train"], self.seed + 1, 4)
+        self.test_records = split["test"]
+        self.test_set = dataset(split["test"], self.seed + 2, 6) if split["test"] else None
+        self.generator = build_generator(self.config)
+        self.discriminator = PatchDiscriminator(in_channels=2, **self.config["discriminator"])
+        self.lambda_l1 = float(self.train_cfg.get("lambda_l1", 100.0))
+
+    def generator_input(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return batch["coarse"]
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        coarse = batch["coarse"].contiguous(memory_format=torch.channels_last)
+        fine = batch["fine"].contiguous(memory_format=torch.channels_last)
+        fake = self.generator(coarse)
+
+        set_requires_grad(self.discriminator, True)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d_fake = lsgan_loss(self.discriminator(coarse, fake.detach()), False)
+        loss_d_real = lsgan_loss(self.discriminator(coarse, fine), True)
+        loss_d = 0.5 * (loss_d_fake + loss_d_real)
+        loss_d.backward()
+        self.opt_d.step()
+
+        set_requires_grad(self.discriminator, False)  # G step: no D parameter gradients needed
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g_gan = lsgan_loss(self.discriminator(coarse, fake), True)
+        loss_g_l1 = l1_reconstruction_loss(fake, fine, self.lambda_l1)
+        (loss_g_gan + loss_g_l1).backward()
+        self.opt_g.step()
+        return {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item(), "g_gan": loss_g_gan.item(),
+                "g_l1": loss_g_l1.item()}
+
+    def visual_row(self, sample: Mapping[str, torch.Tensor], fake: torch.Tensor) -> list[np.ndarray]:
+        # thresholded output is what serving hands on (a binary mask); show raw tanh output next to it
+        binary = torch.where(fake > 0, 1.0, -1.0)
+        return [to_uint8_image(sample["coarse"]), to_uint8_image(sample["fine"]), to_uint8_image(fake),
+                to_uint8_image(binary)]

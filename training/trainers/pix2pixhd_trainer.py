@@ -1,0 +1,124 @@
+"""pix2pixHD (global generator G1 + 2-scale discriminator) trainer for the mask -> image renderers.
+
+Input = mask_ops.build_generator_input(one-hot classes, noise label at `noise_spacing` px, instance edges), as
+in the noise-frequency paper (polygon + noise masks, K=2 discriminators). Objective: LSGAN + lambda_feat * feature
+matching (pix2pixHD, lambda_feat = 10); no VGG loss. Several datasets can feed one model: each source has its own
+class_remap into the model's class list and its own virtual epoch length (to balance them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset
+
+from services.core import mask_ops
+from training.data.datasets import MaskToImageDataset
+from training.data.derived_labels import TissueGlandDataset
+from training.data.shared_layout import load_records, split_records
+from training.losses import feature_matching_loss, lsgan_loss
+from training.models.pix2pixhd_global import GlobalGenerator, MultiscaleDiscriminator
+from training.trainers.base import GanTrainer, to_uint8_image
+from training.trainers.pix2pix_trainer import set_requires_grad
+
+# "derive" key of a data source -> dataset class (how its class map is built)
+DATASET_KINDS = {"mask": MaskToImageDataset, "tissue_gland": TissueGlandDataset}
+
+
+def input_channels(config: Mapping[str, Any]) -> int:
+    data = config["data"]
+    return mask_ops.generator_input_channels(int(data["num_classes"]), data.get("noise_spacing") is not None,
+                                             bool(data.get("use_edges", False)))
+
+
+def build_generator(config: Mapping[str, Any]) -> GlobalGenerator:
+    return GlobalGenerator(in_channels=input_channels(config), out_channels=3, **config["generator"])
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    base = np.array([[20, 20, 20], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178],
+                     [213, 94, 0], [204, 121, 167]], np.uint8)
+    return base[np.arange(num_classes) % len(base)]
+
+
+class Pix2PixHDTrainer(GanTrainer):
+    def build(self) -> None:
+        data = self.config["data"]
+        self.num_classes = int(data["num_classes"])
+        fractions = tuple(data["split_fractions"])
+        split_seed = int(data.get("split_seed", self.seed))
+        per_split: dict[str, list] = {"train": [], "val": [], "test": []}
+        self.splits = {}
+        sources = []
+        for source in data["sources"]:
+            records = load_records(self.data_root, source["dataset"])
+            split = split_records(records, tuple(source.get("split_fractions", fractions)), split_seed)
+            for name in per_split:
+                per_split[name].append(split[name])
+                self.splits.setdefault(name, []).extend(sorted({r.group for r in split[name]}))
+            sources.append(source)
+
+        def dataset(split_name: str, seed: int, length_of) -> ConcatDataset | None:
+            parts = []
+            for source, records in zip(sources, per_split[split_name]):
+                if not records:
+                    continue
+                kind = DATASET_KINDS[source.get("derive", "mask")]
+                remap = {int(k): int(v) for k, v in (source.get("class_remap") or {}).items()}
+                parts.append(kind(records, crop=int(data["crop"]), num_classes=self.num_classes, class_remap=remap,
+                                  noise_spacing=data.get("noise_spacing"), use_edges=bool(data.get("use_edges")),
+                                  seed=seed, length=length_of(source), cache=True))
+            return ConcatDataset(parts) if parts else None
+
+        self.train_set = dataset("train", self.seed, lambda s: int(s.get("epoch_length", 500)))
+        self.preview_set = dataset("val", self.seed + 1, lambda s: 2) or dataset("train", self.seed + 1, lambda s: 2)
+        self.test_set = dataset("test", self.seed + 2, lambda s: 3)
+        self.generator = build_generator(self.config)
+        self.discriminator = MultiscaleDiscriminator(in_channels=input_channels(self.config) + 3,
+                                                     **self.config["discriminator"])
+        self.lambda_feat = float(self.train_cfg.get("lambda_feat", 10.0))
+
+    def generator_input(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return batch["label"]
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        label = batch["label"].contiguous(memory_format=torch.channels_last)
+        real = batch["image"].contiguous(memory_format=torch.channels_last)
+        fake = self.generator(label)
+
+        set_requires_grad(self.discriminator, True)
+        self.opt_d.zero_grad(set_to_none=True)
+        pred_fake = self.discriminator(label, fake.detach())
+        pred_real = self.discriminator(label, real)
+        loss_d_fake = lsgan_loss(pred_fake, False)
+        loss_d_real = lsgan_loss(pred_real, True)
+        (0.5 * (loss_d_fake + loss_d_real)).backward()
+        self.opt_d.step()
+
+        set_requires_grad(self.discriminator, False)
+        self.opt_g.zero_grad(set_to_none=True)
+        pred_fake_g = self.discriminator(label, fake)
+        loss_g_gan = lsgan_loss(pred_fake_g, True)
+        loss_g_fm = feature_matching_loss(pred_fake_g, pred_real, self.lambda_feat)  # real features detached inside
+        (loss_g_gan + loss_g_fm).backward()
+        self.opt_g.step()
+        return {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item(), "g_gan": loss_g_gan.item(),
+                "g_fm": loss_g_fm.item()}
+
+    def visual_row(self, sample: Mapping[str, torch.Tensor], fake: torch.Tensor) -> list[np.ndarray]:
+        return [render_label(sample["label"], self.num_classes), to_uint8_image(sample["image"]),
+                to_uint8_image(fake)]
+
+
+def render_label(label: torch.Tensor, num_classes: int) -> np.ndarray:
+    """[C', H, W] generator input -> RGB: class palette, instance edges black, noise pixels white."""
+    label = label.detach().cpu().numpy()
+    image = class_palette(num_classes)[label[:num_classes].argmax(0)]
+    extra = label[num_classes:]
+    if len(extra) == 2:
+        image[extra[1] > 0] = 0
+    if len(extra) >= 1:
+        image[extra[0] > 0] = 255
+    return image
