@@ -298,8 +298,9 @@ def export_patch_generator(
         intended_use="Research prototyping of class-conditioned synthetic H&E patches and of the serving stack.",
         limitations=(
             "Short single-thread CPU training on ~2k weakly labelled crops: samples reproduce the colour and coarse "
-            "texture of each class, not reliable cellular detail, and class identity is only as good as the "
-            "image-level labels. GlaS (20x) and MoNuSeg (40x) classes differ in magnification. No FID was "
+            "texture of each class, not reliable cellular detail; transposed-convolution checkerboard artefacts "
+            "remain visible (mean vertical gradient of samples ~2x that of real crops), and class identity is only "
+            "as good as the image-level labels. GlaS (20x) and MoNuSeg (40x) classes differ in magnification. No FID was "
             "computed here and no pathologist reviewed the samples."
         ),
         losses=losses,
@@ -368,12 +369,15 @@ def export_run(run_dir: str | Path, *, store_root: str | Path = "model_store", v
     torch.set_num_threads(int(payload.get("hardware_threads", torch.get_num_threads())))
     train_cfg = dict(payload["config"]["train"])
     steps, seconds = int(payload["step"]), float(payload["train_seconds"])
+    events = _run_events(run_dir / "losses.jsonl")
     notes = (
         f"{steps} steps of batch {train_cfg.get('batch_size')} (class-balanced), Adam lr {train_cfg.get('lr')} "
-        f"beta1 {train_cfg.get('beta1')}, constant for the first half of the planned {train_cfg.get('steps')} "
-        f"steps, then linear decay; {seconds / max(1, steps):.2f} s/iter on {train_cfg.get('num_threads')} "
-        "torch thread(s) of a 2-core machine shared with other training jobs. Generator "
+        f"beta1 {train_cfg.get('beta1')} with the shared GanTrainer schedule (constant for the first half of the "
+        "planned steps, then linear decay to 0; the per-step lr is in losses.jsonl); "
+        f"{seconds / max(1, steps):.2f} s/iter on average on {train_cfg.get('num_threads')} torch thread(s) of a "
+        "2-core machine shared with other training jobs. Generator "
         f"{parameter_bytes(generator) / 2**20:.1f} MiB fp32."
+        + ("\n\nRun events (resumes, time-budget reschedules): " + "; ".join(events) + "." if events else "")
     )
     return export_patch_generator(
         generator,
@@ -388,6 +392,14 @@ def export_run(run_dir: str | Path, *, store_root: str | Path = "model_store", v
         training_notes=notes,
         overwrite=overwrite,
     )
+
+
+def _run_events(path: Path) -> list[str]:
+    """Resume / reschedule events of a losses.jsonl, as short text (they explain a non-monotonic lr)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [", ".join(f"{k} {v}" for k, v in r.items()) for r in records if "event" in r]
 
 
 def final_losses(path: Path, last: int = 10) -> dict[str, float]:
