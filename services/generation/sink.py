@@ -1,0 +1,124 @@
+"""Per-sample files on disk: the one writer shared by the server's sink_uri and the CLI.
+
+Per sample ``NNNNNN`` (zero-padded index) in one directory:
+  NNNNNN_image.png      RGB image
+  NNNNNN_mask.png       uint8 class ids
+  NNNNNN_instances.png  uint16 instance ids (0 = none; all zero when the tissue has none)
+  NNNNNN.json           stratum, class names, scores, provenance — written LAST
+
+Every file is written to a temporary name and renamed into place (atomic on POSIX), and
+the JSON comes last, so "NNNNNN.json exists" means the sample is complete: a resumed run
+skips exactly those indices and redoes any half-written sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlparse
+
+import cv2
+import numpy as np
+
+from services.core.errors import InvalidInputError
+
+_FINISHED: Final = re.compile(r"^(\d{6,})\.json$")
+INDEX_DIGITS: Final = 6
+
+
+def sink_path(uri: str) -> Path:
+    """A local directory from a path or ``file://`` URI; other schemes are refused by name."""
+    if "\x00" in uri:
+        raise InvalidInputError("sink_uri: contains a NUL byte; send a plain local path or file:// URI")
+    try:
+        parsed = urlparse(uri)
+    except ValueError as error:  # e.g. "Invalid IPv6 URL" for an unclosed '['
+        raise InvalidInputError(
+            f"sink_uri: {uri!r} is not a valid URI ({error}); use a local path or file:// URI"
+        ) from None
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else uri)
+        if not str(path):
+            raise InvalidInputError("sink_uri: empty path")
+        return path
+    raise InvalidInputError(
+        f"sink_uri: scheme {parsed.scheme!r} is not supported by this server; use a local path or file:// URI"
+    )
+
+
+def sample_stem(index: int) -> str:
+    return f"{index:0{INDEX_DIGITS}d}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _png(array: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for {array.dtype} {list(array.shape)}")
+    return buffer.tobytes()
+
+
+class SampleWriter:
+    """Writes samples into ``root`` (created if missing) and reports which are finished."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def finished_indices(self) -> set[int]:
+        return {int(m.group(1)) for p in self.root.iterdir() if (m := _FINISHED.match(p.name))}
+
+    def paths(self, index: int) -> dict[str, Path]:
+        stem = sample_stem(index)
+        return {
+            "image": self.root / f"{stem}_image.png",
+            "mask": self.root / f"{stem}_mask.png",
+            "instances": self.root / f"{stem}_instances.png",
+            "json": self.root / f"{stem}.json",
+        }
+
+    def write(
+        self,
+        index: int,
+        image_png: bytes,
+        class_map: np.ndarray,
+        instances: np.ndarray | None,
+        record: Mapping[str, Any],
+    ) -> Path:
+        """Write one sample; returns the JSON path. ``record`` must be JSON-serialisable."""
+        paths = self.paths(index)
+        _atomic_write(paths["image"], image_png)
+        _atomic_write(paths["mask"], _png(np.ascontiguousarray(class_map, dtype=np.uint8)))
+        if instances is None:
+            instances = np.zeros(class_map.shape, np.uint16)
+        if int(instances.max(initial=0)) > np.iinfo(np.uint16).max:
+            raise ValueError(f"sample {index}: instance ids above 65535 cannot be stored as uint16 PNG")
+        _atomic_write(paths["instances"], _png(np.ascontiguousarray(instances, dtype=np.uint16)))
+        body = dict(record)
+        body.setdefault("index", index)
+        body["files"] = {key: path.name for key, path in paths.items() if key != "json"}
+        _atomic_write(paths["json"], (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+        return paths["json"]
+
+
+def read_label_png(path: Path | str) -> np.ndarray:
+    """A mask/instances PNG as stored (uint8 or uint16), unchanged."""
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise FileNotFoundError(f"cannot read {path}")
+    return array
