@@ -48,6 +48,10 @@ test: proto-check
 test-gpu: proto
 	$(PY) -m pytest -q -m gpu tests/gpu
 
+# The main job: services on loopback (CPU, shipped models) generate a small balanced batch into ./output.
+run: proto
+	$(PY) -m clients.cli run-demo --out output
+
 bench-core: proto
 	$(PY) -m bench.bench_core
 

@@ -16,3 +16,9 @@ def tiny_model_store(tmp_path: Path) -> Path:
     write_tiny_model(root, version="1")
     write_tiny_model(root, version="2")
     return root
+
+
+@pytest.fixture(autouse=True)
+def sink_root_under_pytest_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation servers confine sinks below HISTOSYNTH_SINK_ROOT: let tests write below pytest's tmp dir."""
+    monkeypatch.setenv("HISTOSYNTH_SINK_ROOT", str(tmp_path_factory.getbasetemp()))

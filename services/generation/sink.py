@@ -31,8 +31,36 @@ _FINISHED: Final = re.compile(r"^(\d{6,})\.json$")
 INDEX_DIGITS: Final = 6
 
 
-def sink_path(uri: str) -> Path:
-    """A local directory from a path or ``file://`` URI; other schemes are refused by name."""
+SINK_ROOT_ENV: Final = "HISTOSYNTH_SINK_ROOT"
+
+
+def default_sink_root() -> Path:
+    """Where a server may write sinks: ``$HISTOSYNTH_SINK_ROOT``, else ``./sinks`` under its working dir.
+
+    A remote client names the sink, so without a root it could make the server write anywhere
+    its user can (e.g. over its own model store); every sink is confined below this directory.
+    """
+    return Path(os.environ.get(SINK_ROOT_ENV) or Path.cwd() / "sinks")
+
+
+def sink_path(uri: str, root: Path | None = None) -> Path:
+    """A local directory from a path or ``file://`` URI, confined below ``root``.
+
+    Relative paths are taken below ``root`` (default ``default_sink_root()``); absolute ones
+    must already lie inside it. Other schemes are refused by name.
+    """
+    path = _local_path(uri)
+    base = (root or default_sink_root()).resolve()
+    resolved = (base / path).resolve()  # an absolute `path` replaces `base` here
+    if not resolved.is_relative_to(base):
+        raise InvalidInputError(
+            f"sink_uri: {uri!r} lies outside this server's sink root {str(base)!r}; send a path below it "
+            f"(relative paths are taken below it; operators set it with {SINK_ROOT_ENV})"
+        )
+    return resolved
+
+
+def _local_path(uri: str) -> Path:
     if "\x00" in uri:
         raise InvalidInputError("sink_uri: contains a NUL byte; send a plain local path or file:// URI")
     try:

@@ -176,9 +176,11 @@ def test_deadline_exceeded_on_a_stream(client: HistosynthClient) -> None:
         ({"model_versions": {"renderer-he-glands": "7"}}, grpc.StatusCode.NOT_FOUND, "renderer-he-glands/7"),
     ],
 )
-def test_bad_specs_get_clear_statuses(client: HistosynthClient, changes: dict, code: grpc.StatusCode, message: str) -> None:
+def test_bad_specs_get_clear_statuses(
+    client: HistosynthClient, changes: dict, code: grpc.StatusCode, message: str, tmp_path: Path
+) -> None:
     spec = {**GLANDS, **changes}
-    sunk = {**spec, "sink_uri": "/tmp/histosynth-never-written"}
+    sunk = {**spec, "sink_uri": str(tmp_path / "never-written")}
     for call in (lambda: list(client.generate(spec)), lambda: client.submit_job(sunk)):
         with pytest.raises(grpc.RpcError) as caught:
             call()
@@ -220,3 +222,11 @@ def test_client_refine_and_render(client: HistosynthClient) -> None:
     assert refined.fine_masks.shape == (2, 32, 32) and refined.noise_labels is not None
     rendered = client.render(masks, model="renderer-he-glands", seed=1)
     assert rendered.images.shape == (2, 32, 32, 3) and rendered.model.name == "renderer-he-glands"
+
+
+@pytest.mark.parametrize("uri", ["/etc/histosynth-evil", "../../outside", "file:///root/.ssh"])
+def test_sink_outside_the_sink_root_is_refused(client: HistosynthClient, uri: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        client.submit_job(dict(GLANDS, sink_uri=uri))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside this server's sink root" in caught.value.details()

@@ -286,11 +286,6 @@ def test_generation_spec_decoding_and_validation(request: generation_pb2.Generat
         assert error.status == "INVALID_ARGUMENT" and error.message
 
 
-@pytest.mark.xfail(
-    reason="services/generation/sink.py: sink_path lets urlparse's ValueError ('Invalid IPv6 URL') escape and "
-    "accepts NUL bytes, so SubmitJob answers INTERNAL instead of INVALID_ARGUMENT (reported to the lead)",
-    strict=False,
-)
 @FUZZ
 @given(st.one_of(short_text, st.sampled_from(["http://[::1", "file://[x", "dir\x00name", "file:///tmp/a", "s3://b/k"])))
 def test_sink_uri_parsing(uri: str) -> None:
