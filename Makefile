@@ -52,6 +52,20 @@ test-gpu: proto
 run: proto
 	$(PY) -m clients.cli run-demo --out output
 
+# Training reproduces a shipped model's pipeline (needs ../shared/data, or DATA_ROOT=...).
+DATA_ROOT ?= ../shared/data
+train-%: $(STAMP)
+	$(PY) -m training.train --config training/configs/$*.yaml --data-root $(DATA_ROOT) --out runs/$*
+export-%: $(STAMP)
+	$(PY) -m training.export --config training/configs/$*.yaml --checkpoint runs/$*/latest.pt --version 1 --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
+
+SCORING_MODELS := histology-encoder segmenter-he-nuclei segmenter-he-glands segmenter-ihc
+$(addprefix export-,$(SCORING_MODELS)): export-%: $(STAMP)
+	$(PY) -m training.export.scoring_models --config training/configs/$*.yaml --checkpoint runs/$*/latest.pt --version 1 --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
+
+export-patch-generator: $(STAMP)
+	$(PY) -m training.trainers.cgan_trainer export --run runs/patch-generator $(EXPORT_FLAGS)
+
 bench-core: proto
 	$(PY) -m bench.bench_core
 
