@@ -224,7 +224,10 @@ async def run_overload(
 
 @pytest.mark.timeout(60)
 async def test_overload_is_shed_with_resource_exhausted(tmp_path: Path) -> None:
-    await run_overload(tmp_path, seconds=2.0)
+    # Two seconds cannot tell a slow leak from allocator arenas still settling inside a full test
+    # session (seen: +66 MiB once), so this CI variant only bounds gross growth; the trend check
+    # that catches a real leak is test_sustained_overload_keeps_rss_flat (slow marker).
+    await run_overload(tmp_path, seconds=2.0, warmup_s=2.0, max_growth_mib=192)
 
 
 @pytest.mark.slow
