@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import grpc
 
 from services._generated.histosynth.v1 import common_pb2
+from services.core.config import ServerConfig
 from services.core.errors import InvalidInputError
-from services.model_host import ModelRef
+from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
+from services.core.model_store import ModelStore
+from services.model_host import HostSettings, ModelHost, ModelRef
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -27,3 +31,25 @@ def require_field(request: object, field: str, what: str) -> None:
     """Refuse a request whose message field ``field`` is unset; ``what`` says what to send."""
     if not request.HasField(field):  # type: ignore[attr-defined]
         raise InvalidInputError(f"{field} is required: send {what}")
+
+
+def create_host(config: ServerConfig, store: ModelStore | None, kinds: Sequence[str]) -> ModelHost:
+    """A model host over ``config.model_store`` (or ``store``) serving the model ``kinds`` of one service."""
+    store = ModelStore(config.model_store) if store is None else store
+    return ModelHost(store, kinds, HostSettings.from_server_config(config))
+
+
+async def start_with_host(
+    host: ModelHost, registrations: Sequence[ServiceRegistration], config: ServerConfig
+) -> tuple[RunningServer, ModelHost]:
+    """Start serving ``registrations`` over an already started ``host``; the host stops with the server.
+
+    If the server cannot start (e.g. the port is taken) the host is stopped here, so no
+    runtime or batcher thread outlives a failed start.
+    """
+    try:
+        running = await start_server(registrations, config, shutdown_hooks=[host.stop])
+    except BaseException:
+        await host.stop(drain=False)
+        raise
+    return running, host

@@ -12,11 +12,12 @@ import numpy as np
 
 from services._generated.histosynth.v1 import mask_refinement_pb2, mask_refinement_pb2_grpc
 from services.core.config import ServerConfig
-from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
+from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
 from services.kserve_v2 import KServeV2Servicer, kserve_registration
 from services.mask_refinement.pipeline import RefinementPipeline
-from services.model_host import HostSettings, ModelHost
+from services.model_host import ModelHost
+from services import servicer_common
 from services.servicer_common import deadline_of, model_ref_to_proto, require_field
 from services.tensor_codec import array_to_tensor, tensor_to_array
 
@@ -72,17 +73,11 @@ def registrations(host: ModelHost) -> list[ServiceRegistration]:
 
 
 def create_host(config: ServerConfig, store: ModelStore | None = None) -> ModelHost:
-    store = ModelStore(config.model_store) if store is None else store
-    return ModelHost(store, MODEL_KINDS, HostSettings.from_server_config(config))
+    return servicer_common.create_host(config, store, MODEL_KINDS)
 
 
 async def start(config: ServerConfig, store: ModelStore | None = None) -> tuple[RunningServer, ModelHost]:
     """Load the refiners and start serving; the host is stopped when the server stops."""
     host = create_host(config, store)
     await host.start()
-    try:
-        running = await start_server(registrations(host), config, shutdown_hooks=[host.stop])
-    except BaseException:
-        await host.stop(drain=False)
-        raise
-    return running, host
+    return await servicer_common.start_with_host(host, registrations(host), config)

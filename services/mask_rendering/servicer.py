@@ -16,11 +16,12 @@ import numpy as np
 from services._generated.histosynth.v1 import mask_rendering_pb2, mask_rendering_pb2_grpc
 from services.core.config import ServerConfig, check_settings, load_settings, setting
 from services.core.errors import InvalidInputError
-from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
+from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
 from services.kserve_v2 import KServeV2Servicer, kserve_registration
 from services.mask_rendering.pipeline import RenderingPipeline, encode_png
-from services.model_host import HostSettings, ModelHost
+from services.model_host import ModelHost
+from services import servicer_common
 from services.servicer_common import deadline_of, model_ref_to_proto, require_field
 from services.tensor_codec import array_to_tensor, tensor_to_array
 
@@ -127,8 +128,7 @@ def registrations(host: ModelHost, settings: RenderingSettings | None = None) ->
 
 
 def create_host(config: ServerConfig, store: ModelStore | None = None) -> ModelHost:
-    store = ModelStore(config.model_store) if store is None else store
-    return ModelHost(store, MODEL_KINDS, HostSettings.from_server_config(config))
+    return servicer_common.create_host(config, store, MODEL_KINDS)
 
 
 async def start(
@@ -137,9 +137,4 @@ async def start(
     """Load the renderers and start serving; the host is stopped when the server stops."""
     host = create_host(config, store)
     await host.start()
-    try:
-        running = await start_server(registrations(host, settings), config, shutdown_hooks=[host.stop])
-    except BaseException:
-        await host.stop(drain=False)
-        raise
-    return running, host
+    return await servicer_common.start_with_host(host, registrations(host, settings), config)

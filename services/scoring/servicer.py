@@ -17,10 +17,10 @@ import numpy as np
 from services._generated.histosynth.v1 import scoring_pb2, scoring_pb2_grpc
 from services.core.config import ServerConfig, load_settings
 from services.core.errors import InvalidInputError
-from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
+from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
 from services.kserve_v2 import KServeV2Servicer, kserve_registration
-from services.model_host import HostSettings, ModelHost
+from services.model_host import ModelHost
 from services.scoring.class_maps import TpsResult, score_masks, score_segmentation, tumor_proportions
 from services.scoring.consistency import ConsistencyScorer
 from services.scoring.images import ImageList, as_image_list, decode_pngs
@@ -31,6 +31,7 @@ from services.scoring.pipeline import (
     ScoringPipeline,
     ScoringSettings,
 )
+from services import servicer_common
 from services.servicer_common import deadline_of, model_ref_to_proto, require_field
 from services.tensor_codec import array_to_tensor, tensor_to_array
 
@@ -299,8 +300,7 @@ def registrations(host: ModelHost, settings: ScoringSettings | None = None) -> l
 
 
 def create_host(config: ServerConfig, store: ModelStore | None = None) -> ModelHost:
-    store = ModelStore(config.model_store) if store is None else store
-    return ModelHost(store, MODEL_KINDS, HostSettings.from_server_config(config))
+    return servicer_common.create_host(config, store, MODEL_KINDS)
 
 
 async def start(
@@ -309,9 +309,4 @@ async def start(
     """Load encoders and segmenters and start serving; the host is stopped when the server stops."""
     host = create_host(config, store)
     await host.start()
-    try:
-        running = await start_server(registrations(host, settings), config, shutdown_hooks=[host.stop])
-    except BaseException:
-        await host.stop(drain=False)
-        raise
-    return running, host
+    return await servicer_common.start_with_host(host, registrations(host, settings), config)
