@@ -8,7 +8,6 @@ pix2pixHD - lives here once.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -30,6 +29,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_states() -> dict:
+    """Every RNG a training step draws from, for a checkpoint (so a resumed run continues the same streams)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def save_atomically(payload: dict, path: Path) -> Path:
+    """torch.save to a temp name then rename: a kill mid-save never corrupts the previous checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def linear_decay_lambda(total_steps: int):
@@ -142,13 +160,10 @@ class GanTrainer:
             "opt_d": self.opt_d.state_dict(),
             "sched_g": self.sched_g.state_dict(),
             "sched_d": self.sched_d.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_states(),
             "hardware_threads": torch.get_num_threads(),
         }
-        tmp = self.out_dir / f".{CHECKPOINT_NAME}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint_path())  # atomic: a kill mid-save never corrupts latest.pt
-        return self.checkpoint_path()
+        return save_atomically(payload, self.checkpoint_path())
 
     def maybe_resume(self) -> bool:
         path = self.checkpoint_path()
@@ -161,9 +176,7 @@ class GanTrainer:
         self.opt_d.load_state_dict(payload["opt_d"])
         self.sched_g.load_state_dict(payload["sched_g"])
         self.sched_d.load_state_dict(payload["sched_d"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        np.random.set_state(payload["rng"]["numpy"])
-        random.setstate(payload["rng"]["python"])
+        restore_rng_states(payload["rng"])
         self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
         return True
 

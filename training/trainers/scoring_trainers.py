@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,7 +32,14 @@ from training.data.scoring_data import (
 from training.data.shared_layout import load_records
 from training.models.histology_encoder import EncoderConfig, HistologyEncoder
 from training.models.tissue_segmenter import SegmenterConfig, TissueSegmenter
-from training.trainers.base import CHECKPOINT_NAME, TrainState, seed_everything
+from training.trainers.base import (
+    CHECKPOINT_NAME,
+    TrainState,
+    restore_rng_states,
+    rng_states,
+    save_atomically,
+    seed_everything,
+)
 
 WARMUP_STEPS = 20
 
@@ -100,13 +105,10 @@ class SupervisedTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_states(),
             "hardware_threads": torch.get_num_threads(),
         }
-        tmp = self.out_dir / f".{CHECKPOINT_NAME}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint_path())  # atomic: a kill mid-save never corrupts latest.pt
-        return self.checkpoint_path()
+        return save_atomically(payload, self.checkpoint_path())
 
     def maybe_resume(self) -> bool:
         path = self.checkpoint_path()
@@ -116,9 +118,7 @@ class SupervisedTrainer:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        np.random.set_state(payload["rng"]["numpy"])
-        random.setstate(payload["rng"]["python"])
+        restore_rng_states(payload["rng"])
         self.total_steps = max(int(payload.get("total_steps", self.total_steps)), self.total_steps)
         self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
         return True

@@ -1,0 +1,574 @@
+"""Held-back evaluation of the shipped renderers and the mask refiner through the real serving path.
+
+    python -m training.evaluate --model renderer-he-nuclei [--data-root ../shared/data] [--max-images N]
+    python -m training.evaluate --all
+
+Renderers: the test split of the model's own recorded split (the manifest's provenance config: sources,
+fractions, seed; cross-checked against provenance.split.groups.test) gives held-back tiles. N random crops of
+the training crop size (equal share per source, fixed seed) give paired (class map, real image) crops; the
+class maps are rendered by RenderingPipeline over a ModelHost (ONNX Runtime, as the mask-rendering service
+does) and compared with the real crops of the same places:
+  * FID, KID (mean, std over subsets), improved precision/recall on the histology-encoder features
+    (services.scoring.distances; encoder name, version and sha256 recorded);
+  * mask-image consistency: mean mIoU of the matching segmenter on the rendered images vs the input masks
+    (ConsistencyScorer), next to the same segmenter on the real images vs their masks (the ceiling);
+  * a real-vs-real reference: the real crops in two disjoint random halves A/B (FID etc. of A vs B), and the
+    synthetic crops of half A vs the real crops of half B at the same sample size, so the scores have scale
+    (FID is biased upwards at small N, so only numbers at equal N compare).
+Mask refiner: crops of its test tiles; real fine mask = tissue_mask(crop), coarse = coarsen_mask(fine) with
+the manifest's coarsening (its training recipe); PriorPath-style per-feature KS statistic and KL divergence
+(services.scoring.mask_stats) of refined vs real fine masks, next to the coarse masks as they are.
+
+Results go to bench/results/model_eval/<model>.json; ``--update-store`` (the default for the CLI) also writes
+the headline numbers into the model's manifest ``metrics`` (eval_* keys) and MODEL_CARD.md "Scores" section.
+model.onnx is never touched (the manifest's sha256 covers only it); the store is re-read afterwards to prove
+the model still loads. Numpy + ONNX Runtime only: no torch (except the GlaS tissue/gland derivation, which
+lives beside the torch datasets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from services.core import mask_ops
+from services.core.model_store import ModelManifest, ModelStore
+from services.mask_refinement.pipeline import RefinementPipeline
+from services.mask_rendering.pipeline import RenderingPipeline
+from services.model_host import HostSettings, ModelHost
+from services.scoring import distances, mask_stats
+from services.scoring.consistency import ConsistencyScorer
+from services.scoring.pipeline import ScoringPipeline
+from training.data.shared_layout import Record, Sample, load_records, load_sample, split_records
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STORE = REPO_ROOT / "model_store"
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_RESULTS = REPO_ROOT / "bench" / "results" / "model_eval"
+DEFAULT_ENCODER = "histology-encoder"
+RENDERERS = ("renderer-he-nuclei", "renderer-he-glands", "renderer-ihc")
+REFINERS = ("mask-refiner",)
+RENDER_BATCH = 16
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    max_images: int = 200  # crops per set (real = synthetic = this many)
+    seed: int = 0
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # capped at half the smaller set
+    pr_k: int = 3
+    encoder: str = DEFAULT_ENCODER
+
+    def __post_init__(self) -> None:
+        if self.max_images < 2 * (self.pr_k + 1):
+            raise ValueError(f"max_images must be >= {2 * (self.pr_k + 1)} (two halves for pr_k={self.pr_k}), "
+                             f"got {self.max_images}")
+
+
+# ------------------------------------------------------------------------------------------ test data
+
+
+def _tissue_gland(sample: Sample) -> np.ndarray:
+    # Imported here: derived_labels sits beside the torch datasets, so only this derivation needs torch.
+    from training.data.derived_labels import tissue_gland_class_map
+
+    return tissue_gland_class_map(sample.image, sample.class_map)
+
+
+# How a renderer source turns a sample into the renderer's class map (provenance config data.sources[].derive).
+DERIVATIONS: dict[str, Callable[[Sample], np.ndarray]] = {
+    "mask": lambda sample: sample.class_map,
+    "tissue_gland": _tissue_gland,
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    dataset: str
+    derive: str
+    class_remap: Mapping[int, int] = field(default_factory=dict)
+
+    def class_map(self, sample: Sample) -> np.ndarray:
+        if self.derive not in DERIVATIONS:
+            raise ValueError(f"unknown derive {self.derive!r}; valid: {sorted(DERIVATIONS)}")
+        classes = DERIVATIONS[self.derive](sample)
+        if self.class_remap:
+            lut = np.arange(256, dtype=np.uint8)
+            for old, new in self.class_remap.items():
+                lut[old] = new
+            classes = lut[classes]
+        return classes
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    crop: int
+    fractions: tuple[float, float, float]
+    split_seed: int
+    sources: tuple[Source, ...]
+    records: tuple[tuple[Record, ...], ...]  # test records per source
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted({r.group for recs in self.records for r in recs})
+
+
+def _training_data(manifest: ModelManifest) -> Mapping[str, Any]:
+    config = manifest.provenance.get("config") or {}
+    data = config.get("data")
+    if not isinstance(data, Mapping) or "split_fractions" not in data:
+        raise ValueError(f"model {manifest.key}: provenance.config.data with split_fractions is needed to find its "
+                         "held-back split")
+    return data
+
+
+def held_back(manifest: ModelManifest, data_root: Path) -> HeldBack:
+    """The model's test split, recomputed as its trainer did and checked against the recorded groups."""
+    data = _training_data(manifest)
+    fractions = tuple(float(f) for f in data["split_fractions"])
+    split_seed = int(data.get("split_seed", manifest.provenance.get("seed", 0)))
+    if "sources" in data:  # pix2pixHD renderers: each source split on its own
+        sources = tuple(
+            Source(s["dataset"], s.get("derive", "mask"), {int(k): int(v) for k, v in (s.get("class_remap") or {}).items()})
+            for s in data["sources"]
+        )
+        per_source = tuple(
+            tuple(split_records(load_records(data_root, s.dataset), fractions, split_seed)["test"]) for s in sources
+        )
+    else:  # pix2pix refiner: all datasets pooled, then split
+        sources = (Source("+".join(data["datasets"]), "fine_tissue"),)
+        pooled = [r for name in data["datasets"] for r in load_records(data_root, name)]
+        per_source = (tuple(split_records(pooled, fractions, split_seed)["test"]),)
+    result = HeldBack(int(data["crop"]), fractions, split_seed, sources, per_source)  # type: ignore[arg-type]
+    recorded = ((manifest.provenance.get("split") or {}).get("groups") or {}).get("test")
+    if recorded is not None and sorted(recorded) != result.groups:
+        raise ValueError(f"model {manifest.key}: recomputed test groups {result.groups} differ from the recorded "
+                         f"{sorted(recorded)}; is {data_root} the data it was trained on?")
+    if not any(result.records):
+        raise ValueError(f"model {manifest.key}: no test records under {data_root}")
+    return result
+
+
+@dataclass(frozen=True)
+class Crops:
+    images: np.ndarray  # uint8 [N, c, c, 3]
+    class_maps: np.ndarray  # uint8 [N, c, c]
+    instances: np.ndarray | None  # [N, c, c] or None when no source has instance maps
+    origins: list[str]  # "image_path@y,x" per crop
+
+
+def sample_crops(held: HeldBack, count: int, seed: int, class_map_of: Callable[[Source, Sample], np.ndarray]) -> Crops:
+    """``count`` random crops, sources taking turns (equal share, as in training), tiles uniform within a source."""
+    rng = np.random.default_rng(seed)
+    cache: dict[Path, tuple[Sample, np.ndarray]] = {}
+    usable = [(source, [r for r in recs]) for source, recs in zip(held.sources, held.records) if recs]
+    images, maps, instances, origins = [], [], [], []
+    for index in range(count):
+        source, records = usable[index % len(usable)]
+        record = records[int(rng.integers(len(records)))]
+        if record.image_path not in cache:
+            sample = load_sample(record)
+            cache[record.image_path] = (sample, class_map_of(source, sample))
+        sample, classes = cache[record.image_path]
+        height, width = classes.shape
+        if min(height, width) < held.crop:
+            raise ValueError(f"{record.image_path}: {height} x {width} is smaller than the {held.crop} px crop")
+        y = int(rng.integers(height - held.crop + 1))
+        x = int(rng.integers(width - held.crop + 1))
+        region = (slice(y, y + held.crop), slice(x, x + held.crop))
+        images.append(sample.image[region])
+        maps.append(classes[region])
+        instances.append(None if sample.instances is None else sample.instances[region])
+        origins.append(f"{record.image_path.parent.name}/{record.image_path.name}@{y},{x}")
+    instance_batch = None
+    if any(i is not None for i in instances):
+        # A source without instance maps gets an all-zero map: the pipeline then takes edges from its class map.
+        instance_batch = np.stack([np.zeros((held.crop, held.crop), np.int32) if i is None else i.astype(np.int32)
+                                   for i in instances])
+    return Crops(np.stack(images), np.stack(maps).astype(np.uint8), instance_batch, origins)
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+
+def distribution_scores(real: np.ndarray, synthetic: np.ndarray, settings: EvalSettings) -> dict[str, float]:
+    # Subsets of half the smaller set, so they differ and the std over subsets means something.
+    subset = max(2, min(settings.kid_subset_size, min(real.shape[0], synthetic.shape[0]) // 2))
+    kid_mean, kid_std = distances.kid(real, synthetic, num_subsets=settings.kid_subsets, subset_size=subset,
+                                      seed=settings.seed)
+    pr = distances.precision_recall(real, synthetic, k=settings.pr_k)
+    return {
+        "fid": distances.fid_from_features(real, synthetic),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_subset_size": subset,
+        "precision": pr.precision,
+        "recall": pr.recall,
+        "real_count": int(real.shape[0]),
+        "synthetic_count": int(synthetic.shape[0]),
+    }
+
+
+def _model_ref(manifest: ModelManifest) -> dict[str, str]:
+    return {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256}
+
+
+async def evaluate_renderer(host: ModelHost, name: str, data_root: Path, settings: EvalSettings) -> dict[str, Any]:
+    served = await host.get(name)
+    manifest = served.manifest
+    held = held_back(manifest, data_root)
+    crops = await asyncio.to_thread(sample_crops, held, settings.max_images, settings.seed,
+                                    lambda source, sample: source.class_map(sample))
+    started = time.perf_counter()
+    rendering = RenderingPipeline(host)
+    rendered = []
+    for start in range(0, len(crops.class_maps), RENDER_BATCH):
+        stop = start + RENDER_BATCH
+        result = await rendering.render(
+            crops.class_maps[start:stop], model=name,
+            instance_maps=None if crops.instances is None else crops.instances[start:stop],
+            seed=settings.seed + start,
+        )
+        rendered.append(result.images)
+    synthetic = np.concatenate(rendered)
+    render_seconds = time.perf_counter() - started
+
+    extractor = await ScoringPipeline(host).extractor(settings.encoder)
+    real_features = (await extractor.extract(crops.images)).features.astype(np.float64)
+    synthetic_features = (await extractor.extract(synthetic)).features.astype(np.float64)
+    halves = np.random.default_rng(settings.seed + 1).permutation(len(crops.images))
+    half_a, half_b = np.sort(halves[: len(halves) // 2]), np.sort(halves[len(halves) // 2:])
+
+    scorer = ConsistencyScorer(host)
+    synthetic_consistency = await scorer.score(synthetic, crops.class_maps, renderer=name)
+    real_consistency = await scorer.score(crops.images, crops.class_maps, renderer=name)
+
+    scores = await asyncio.to_thread(lambda: {
+        "synthetic_vs_real": distribution_scores(real_features, synthetic_features, settings),
+        "real_half_vs_real_half": distribution_scores(real_features[half_a], real_features[half_b], settings),
+        "synthetic_half_vs_real_half": distribution_scores(real_features[half_b], synthetic_features[half_a],
+                                                           settings),
+    })
+    classes = list(served.metadata.get("class_names") or [])
+    pixel_share = np.bincount(crops.class_maps.ravel(), minlength=len(classes)) / crops.class_maps.size
+    return {
+        "model": _model_ref(manifest),
+        "kind": "renderer",
+        "serving_path": "services.mask_rendering.pipeline.RenderingPipeline over services.model_host.ModelHost "
+                        "(ONNX Runtime CPU)",
+        "encoder": {**_model_ref(extractor.served.manifest), "feature_dim": int(real_features.shape[1])},
+        "segmenter": _model_ref(await _manifest_of(host, synthetic_consistency.segmenter.name,
+                                                   synthetic_consistency.segmenter.version)),
+        "data": {
+            "data_root": str(data_root),
+            "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
+            "test_tiles": sum(len(r) for r in held.records),
+            "crop": held.crop,
+            "crops": len(crops.images),
+            "crop_seed": settings.seed,
+            "sources": [s.dataset for s in held.sources],
+            "class_pixel_share": {c: float(pixel_share[i]) for i, c in enumerate(classes)},
+        },
+        "scores": scores,
+        "consistency": {
+            "synthetic_mean_miou": synthetic_consistency.mean_miou,
+            "real_mean_miou": real_consistency.mean_miou,
+            "synthetic_miou_std": float(np.std(synthetic_consistency.miou)),
+            "real_miou_std": float(np.std(real_consistency.miou)),
+        },
+        "render_seconds": render_seconds,
+        "settings": _settings_dict(settings),
+        "notes": _renderer_notes(held, len(crops.images)),
+    }
+
+
+async def _manifest_of(host: ModelHost, name: str, version: str) -> ModelManifest:
+    return (await host.get(name, version or None)).manifest
+
+
+def _renderer_notes(held: HeldBack, crops: int) -> list[str]:
+    return [
+        f"{crops} random {held.crop} px crops from only {sum(len(r) for r in held.records)} held-back tiles "
+        f"({len(held.groups)} groups): crops overlap and are correlated, so the effective sample is small.",
+        "FID is biased upwards at small N and with a 256-d encoder; compare synthetic_half_vs_real_half with "
+        "real_half_vs_real_half (same N), not with published Inception FIDs.",
+        "Features are from the project's own histology-encoder (not Inception): numbers are comparable only "
+        "between runs with the same encoder sha256.",
+    ]
+
+
+def _settings_dict(settings: EvalSettings) -> dict[str, Any]:
+    return {"max_images": settings.max_images, "seed": settings.seed, "kid_subsets": settings.kid_subsets,
+            "pr_k": settings.pr_k}
+
+
+def _ks_kl_summary(real: mask_stats.MaskFeatureTable, other: mask_stats.MaskFeatureTable) -> dict[str, Any]:
+    ks = mask_stats.ks_per_feature(real, other)
+    kl = mask_stats.kl_per_feature(real, other)
+    return {
+        "mean_ks": float(np.mean([r.statistic for r in ks.values()])),
+        "mean_kl": float(np.mean(list(kl.values()))),
+        "features_ks_p_below_0.05": int(sum(r.pvalue < 0.05 for r in ks.values())),
+        "per_feature": {name: {"ks": ks[name].statistic, "ks_p": ks[name].pvalue, "kl": kl[name]} for name in ks},
+    }
+
+
+async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings: EvalSettings) -> dict[str, Any]:
+    served = await host.get(name)
+    manifest = served.manifest
+    data = _training_data(manifest)
+    held = held_back(manifest, data_root)
+    stain = str(data.get("stain", served.metadata.get("stain", "he")))
+    coarsening = served.metadata.get("coarsening") or {}
+    open_size = int(coarsening.get("open_size", data.get("open_size", 5)))
+    close_size = int(coarsening.get("close_size", data.get("close_size", 10)))
+    crops = await asyncio.to_thread(sample_crops, held, settings.max_images, settings.seed,
+                                    lambda source, sample: sample.class_map)
+    fine = np.stack([mask_ops.tissue_mask(image, stain) for image in crops.images]).astype(np.uint8)
+    coarse = np.stack([mask_ops.coarsen_mask(mask.astype(bool), open_size, close_size) for mask in fine])
+    coarse = coarse.astype(np.uint8)
+    started = time.perf_counter()
+    refinement = RefinementPipeline(host, default_model=name)
+    refined = np.concatenate([
+        (await refinement.refine(coarse[start:start + RENDER_BATCH], model=name)).fine_masks
+        for start in range(0, len(coarse), RENDER_BATCH)
+    ])
+    refine_seconds = time.perf_counter() - started
+
+    def tables() -> dict[str, Any]:
+        classes = (0, 1)
+        real_table = mask_stats.mask_feature_table(fine, classes)
+        refined_table = mask_stats.mask_feature_table(refined, classes)
+        coarse_table = mask_stats.mask_feature_table(coarse, classes)
+        return {
+            "refined_vs_real_fine": _ks_kl_summary(real_table, refined_table),
+            "coarse_vs_real_fine": _ks_kl_summary(real_table, coarse_table),
+            "pixel_agreement": {
+                "refined_vs_fine": float(np.mean(refined == fine)),
+                "coarse_vs_fine": float(np.mean(coarse == fine)),
+            },
+        }
+
+    scores = await asyncio.to_thread(tables)
+    return {
+        "model": _model_ref(manifest),
+        "kind": "refiner",
+        "serving_path": "services.mask_refinement.pipeline.RefinementPipeline over services.model_host.ModelHost "
+                        "(ONNX Runtime CPU)",
+        "data": {
+            "data_root": str(data_root),
+            "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
+            "test_tiles": sum(len(r) for r in held.records),
+            "crop": held.crop,
+            "crops": len(crops.images),
+            "crop_seed": settings.seed,
+            "fine_mask": f"tissue_mask(crop, {stain!r})",
+            "coarse_mask": f"coarsen_mask(fine, open {open_size}, close {close_size}) (the training recipe)",
+        },
+        "scores": scores,
+        "refine_seconds": refine_seconds,
+        "settings": _settings_dict(settings),
+        "notes": [
+            f"{len(crops.images)} random {held.crop} px crops from only {sum(len(r) for r in held.records)} held-back "
+            f"tiles ({len(held.groups)} patient(s)): crops overlap, KS p-values overstate the evidence.",
+            "KS/KL per mask_stats feature (classes 0 = air, 1 = tissue); lower = closer to the real fine masks. "
+            "KL uses 20 shared bins per feature.",
+        ],
+    }
+
+
+EVALUATORS = {"renderer": evaluate_renderer, "refiner": evaluate_refiner}
+
+
+# ------------------------------------------------------------------------------------------ store update
+
+
+def headline_metrics(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The eval_* entries written into the manifest's metrics."""
+    data = result["data"]
+    base = {"eval_crops": data["crops"], "eval_crop": data["crop"], "eval_test_tiles": data["test_tiles"]}
+    if result["kind"] == "renderer":
+        full = result["scores"]["synthetic_vs_real"]
+        half = result["scores"]["synthetic_half_vs_real_half"]
+        ref = result["scores"]["real_half_vs_real_half"]
+        return {
+            **base,
+            "eval_encoder": f"{result['encoder']['name']}/{result['encoder']['version']}",
+            "eval_encoder_sha256": result["encoder"]["sha256"],
+            "eval_fid": round(full["fid"], 4),
+            "eval_kid_mean": round(full["kid_mean"], 6),
+            "eval_kid_std": round(full["kid_std"], 6),
+            "eval_precision": round(full["precision"], 4),
+            "eval_recall": round(full["recall"], 4),
+            "eval_fid_half": round(half["fid"], 4),
+            "eval_fid_real_vs_real_half": round(ref["fid"], 4),
+            "eval_kid_real_vs_real_half": round(ref["kid_mean"], 6),
+            "eval_consistency_miou": round(result["consistency"]["synthetic_mean_miou"], 4),
+            "eval_consistency_miou_real": round(result["consistency"]["real_mean_miou"], 4),
+            "eval_segmenter": f"{result['segmenter']['name']}/{result['segmenter']['version']}",
+        }
+    refined = result["scores"]["refined_vs_real_fine"]
+    coarse = result["scores"]["coarse_vs_real_fine"]
+    return {
+        **base,
+        "eval_mean_ks_refined": round(refined["mean_ks"], 4),
+        "eval_mean_kl_refined": round(refined["mean_kl"], 4),
+        "eval_mean_ks_coarse": round(coarse["mean_ks"], 4),
+        "eval_mean_kl_coarse": round(coarse["mean_kl"], 4),
+        "eval_pixel_agreement_refined": round(result["scores"]["pixel_agreement"]["refined_vs_fine"], 4),
+        "eval_pixel_agreement_coarse": round(result["scores"]["pixel_agreement"]["coarse_vs_fine"], 4),
+    }
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+
+
+def scores_section(result: Mapping[str, Any], command: str) -> str:
+    data = result["data"]
+    lines = [
+        "## Scores",
+        "",
+        f"Held-back evaluation (`{command}`, training/evaluate.py): {data['crops']} random {data['crop']} px crops "
+        f"(seed {data['crop_seed']}) of the {data['test_tiles']} test-split tiles ({len(data['split']['test_groups'])} "
+        f"groups, split {data['split']['fractions']} seed {data['split']['seed']}), through {result['serving_path']}. "
+        "Full results: `bench/results/model_eval/" + result["model"]["name"] + ".json`.",
+        "",
+    ]
+    if result["kind"] == "renderer":
+        s = result["scores"]
+        enc = result["encoder"]
+        lines += [
+            f"Features: `{enc['name']}` v{enc['version']} ({enc['feature_dim']}-d, sha256 `{enc['sha256'][:16]}…`), "
+            "not Inception: compare only with numbers from the same encoder.",
+            "",
+            "| comparison | N real / synthetic | FID | KID (mean ± std) | precision | recall |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, label in (("synthetic_vs_real", "synthetic vs real"),
+                           ("synthetic_half_vs_real_half", "synthetic (half A) vs real (half B)"),
+                           ("real_half_vs_real_half", "real (half A) vs real (half B) — reference")):
+            row = s[key]
+            lines.append(f"| {label} | {row['real_count']} / {row['synthetic_count']} | {_fmt(row['fid'])} | "
+                         f"{_fmt(row['kid_mean'], 3)} ± {_fmt(row['kid_std'], 2)} | {row['precision']:.3f} | "
+                         f"{row['recall']:.3f} |")
+        c = result["consistency"]
+        seg = result["segmenter"]
+        lines += [
+            "",
+            f"Mask-image consistency (`{seg['name']}` v{seg['version']}, mean per-crop mIoU vs the input mask): "
+            f"rendered {c['synthetic_mean_miou']:.3f} (std {c['synthetic_miou_std']:.3f}); real images of the same "
+            f"crops {c['real_mean_miou']:.3f} (std {c['real_miou_std']:.3f}, the segmenter's own ceiling).",
+        ]
+    else:
+        s = result["scores"]
+        lines += [
+            "PriorPath-style mask statistics (services/scoring/mask_stats.py), mean over features; lower = closer "
+            "to the real fine masks:",
+            "",
+            "| masks vs real fine masks | mean KS | mean KL (nats) | features with KS p < 0.05 | pixel agreement |",
+            "|---|---|---|---|---|",
+        ]
+        for key, label, agree in (("refined_vs_real_fine", "refined (model output)", "refined_vs_fine"),
+                                  ("coarse_vs_real_fine", "coarse input as is", "coarse_vs_fine")):
+            row = s[key]
+            lines.append(f"| {label} | {row['mean_ks']:.3f} | {row['mean_kl']:.3f} | "
+                         f"{row['features_ks_p_below_0.05']} / {len(row['per_feature'])} | "
+                         f"{s['pixel_agreement'][agree]:.3f} |")
+    lines += ["", "Caveats: " + " ".join(result["notes"]), ""]
+    return "\n".join(lines)
+
+
+def replace_scores_section(card: str, section: str) -> str:
+    match = re.search(r"^## Scores\b.*?(?=^## |\Z)", card, flags=re.S | re.M)
+    if match is None:
+        return card.rstrip("\n") + "\n\n" + section
+    return card[: match.start()] + section + ("\n" if match.end() < len(card) else "") + card[match.end():]
+
+
+def update_store(store_root: Path, result: Mapping[str, Any], command: str) -> None:
+    """Write eval_* metrics into manifest.yaml and the Scores section of MODEL_CARD.md; model.onnx untouched."""
+    store = ModelStore(store_root)
+    manifest = store.get(result["model"]["name"], result["model"]["version"])
+    if manifest.sha256 != result["model"]["sha256"]:
+        raise ValueError(f"{manifest.key}: store sha256 {manifest.sha256} is not the evaluated "
+                         f"{result['model']['sha256']}; re-run the evaluation")
+    raw = yaml.safe_load(manifest.manifest_path.read_text())
+    metrics = {k: v for k, v in (raw.get("metrics") or {}).items() if not str(k).startswith("eval_")}
+    metrics.update(headline_metrics(result))
+    raw["metrics"] = metrics
+    manifest.manifest_path.write_text(yaml.safe_dump(raw, sort_keys=False, width=120))
+    card_path = manifest.directory / "MODEL_CARD.md"
+    if card_path.is_file():
+        card_path.write_text(replace_scores_section(card_path.read_text(), scores_section(result, command)))
+    reloaded = ModelStore(store_root).get(manifest.name, manifest.version)
+    ModelStore(store_root).verify_checksum(reloaded)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+async def evaluate_models(names: Sequence[str], store_root: Path, data_root: Path,
+                          settings: EvalSettings) -> dict[str, dict[str, Any]]:
+    store = ModelStore(store_root)
+    kinds = {store.get(name).kind for name in names}
+    unknown = kinds - set(EVALUATORS)
+    if unknown:
+        raise ValueError(f"models {list(names)}: kinds {sorted(unknown)} have no evaluation; valid kinds: "
+                         f"{sorted(EVALUATORS)}")
+    hosted = set(names) | {settings.encoder}
+    segmenters = [n for n in store.list_models() if store.get(n).kind == "segmenter"]
+    if "renderer" in kinds:
+        hosted |= set(segmenters)
+    host = ModelHost(store, kinds | {"encoder", "segmenter"}, HostSettings(max_queue_size=4096), names=hosted)
+    results: dict[str, dict[str, Any]] = {}
+    async with host:
+        for name in names:
+            results[name] = await EVALUATORS[store.get(name).kind](host, name, data_root, settings)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", action="append", help="model name (repeatable)")
+    target.add_argument("--all", action="store_true", help=f"all of {list(RENDERERS + REFINERS)}")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--max-images", type=int, default=EvalSettings.max_images, help="crops per set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-update-store", action="store_true", help="only write the JSON results")
+    args = parser.parse_args(argv)
+    names = list(RENDERERS + REFINERS) if args.all else args.model
+    settings = EvalSettings(max_images=args.max_images, seed=args.seed)
+    results = asyncio.run(evaluate_models(names, args.store, args.data_root, settings))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    for name, result in results.items():
+        command = f"python -m training.evaluate --model {name} --max-images {settings.max_images} --seed {settings.seed}"
+        result = {**result, "command": command}
+        (args.results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if not args.no_update_store:
+            update_store(args.store, result, command)
+        print(json.dumps({name: headline_metrics(result)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
