@@ -69,5 +69,9 @@ export-patch-generator: $(STAMP)
 bench-core: proto
 	$(PY) -m bench.bench_core
 
+# Serving benchmarks: in-process ONNX Runtime vs our gRPC servers, concurrency sweep, roofline, end-to-end generation.
+bench: bench-core
+	$(PY) -m bench.bench_serving
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
