@@ -5,6 +5,7 @@
     histosynth generate --spec clients/specs/glands-balanced.yaml --count 100 --out data/glands
     histosynth generate --spec spec.yaml --out DIR --target 127.0.0.1:50053   # a running server
     histosynth run-demo                          # `make run`: small balanced batches into ./output
+    histosynth augment --spec spec.yaml --out s3://bucket/ds --shard-size 1000   # WebDataset/Parquet shards
 
 `generate` without --target is embedded: it starts refinement, rendering and generation
 on free loopback ports inside this process, talks gRPC to them and shuts them down. It is
@@ -353,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-store", help="model repository root (default HISTOSYNTH_MODEL_STORE or model_store)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_run_demo, target=None)
+
+    from clients.augment import add_augment_parser  # here, not at the top: clients.augment imports this module
+
+    add_augment_parser(commands)
     return parser
 
 
