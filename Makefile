@@ -63,6 +63,10 @@ SCORING_MODELS := histology-encoder segmenter-he-nuclei segmenter-he-glands segm
 $(addprefix export-,$(SCORING_MODELS)): export-%: $(STAMP)
 	$(PY) -m training.export.scoring_models --config training/configs/$*.yaml --checkpoint runs/$*/latest.pt --version 1 --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
 
+# Held-back evaluation of the shipped renderers/refiner through the serving path; updates cards and manifests.
+eval: $(STAMP)
+	$(PY) -m training.evaluate --all --max-images 512 --data-root $(DATA_ROOT)
+
 export-patch-generator: $(STAMP)
 	$(PY) -m training.trainers.cgan_trainer export --run runs/patch-generator $(EXPORT_FLAGS)
 

@@ -145,14 +145,15 @@ def held_back(manifest: ModelManifest, data_root: Path) -> HeldBack:
     split_seed = int(data.get("split_seed", manifest.provenance.get("seed", 0)))
     if "sources" in data:  # pix2pixHD renderers: each source split on its own
         sources = tuple(
-            Source(s["dataset"], s.get("derive", "mask"), {int(k): int(v) for k, v in (s.get("class_remap") or {}).items()})
+            Source(s["dataset"], s.get("derive", "mask"),
+                   {int(k): int(v) for k, v in (s.get("class_remap") or {}).items()})
             for s in data["sources"]
         )
         per_source = tuple(
             tuple(split_records(load_records(data_root, s.dataset), fractions, split_seed)["test"]) for s in sources
         )
     else:  # pix2pix refiner: all datasets pooled, then split
-        sources = (Source("+".join(data["datasets"]), "fine_tissue"),)
+        sources = (Source("+".join(data["datasets"]), "mask"),)
         pooled = [r for name in data["datasets"] for r in load_records(data_root, name)]
         per_source = (tuple(split_records(pooled, fractions, split_seed)["test"]),)
     result = HeldBack(int(data["crop"]), fractions, split_seed, sources, per_source)  # type: ignore[arg-type]
@@ -177,7 +178,7 @@ def sample_crops(held: HeldBack, count: int, seed: int, class_map_of: Callable[[
     """``count`` random crops, sources taking turns (equal share, as in training), tiles uniform within a source."""
     rng = np.random.default_rng(seed)
     cache: dict[Path, tuple[Sample, np.ndarray]] = {}
-    usable = [(source, [r for r in recs]) for source, recs in zip(held.sources, held.records) if recs]
+    usable = [(source, list(recs)) for source, recs in zip(held.sources, held.records) if recs]
     images, maps, instances, origins = [], [], [], []
     for index in range(count):
         source, records = usable[index % len(usable)]
@@ -279,6 +280,7 @@ async def evaluate_renderer(host: ModelHost, name: str, data_root: Path, setting
             "data_root": str(data_root),
             "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
             "test_tiles": sum(len(r) for r in held.records),
+            "test_tiles_per_source": {s.dataset: len(r) for s, r in zip(held.sources, held.records)},
             "crop": held.crop,
             "crops": len(crops.images),
             "crop_seed": settings.seed,
@@ -302,10 +304,23 @@ async def _manifest_of(host: ModelHost, name: str, version: str) -> ModelManifes
     return (await host.get(name, version or None)).manifest
 
 
+def _sample_notes(held: HeldBack, crops: int) -> list[str]:
+    tiles = sum(len(r) for r in held.records)
+    notes = [
+        f"{crops} random {held.crop} px crops from only {tiles} held-back tile(s) in {len(held.groups)} group(s) "
+        f"({', '.join(f'{s.dataset}: {len(r)}' for s, r in zip(held.sources, held.records))}): crops overlap and "
+        "are correlated, so the effective sample is far smaller than the crop count.",
+        "The real-vs-real halves are crops of the same tiles (often overlapping), so that reference is the spread "
+        "of resampling the same tissue, a lower bound, not the spread between patients.",
+    ]
+    if tiles <= 3:
+        notes.append(f"Only {tiles} test tile(s): treat every number here as anecdotal.")
+    return notes
+
+
 def _renderer_notes(held: HeldBack, crops: int) -> list[str]:
     return [
-        f"{crops} random {held.crop} px crops from only {sum(len(r) for r in held.records)} held-back tiles "
-        f"({len(held.groups)} groups): crops overlap and are correlated, so the effective sample is small.",
+        *_sample_notes(held, crops),
         "FID is biased upwards at small N and with a 256-d encoder; compare synthetic_half_vs_real_half with "
         "real_half_vs_real_half (same N), not with published Inception FIDs.",
         "Features are from the project's own histology-encoder (not Inception): numbers are comparable only "
@@ -375,6 +390,7 @@ async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings
             "data_root": str(data_root),
             "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
             "test_tiles": sum(len(r) for r in held.records),
+            "test_tiles_per_source": {s.dataset: len(r) for s, r in zip(held.sources, held.records)},
             "crop": held.crop,
             "crops": len(crops.images),
             "crop_seed": settings.seed,
@@ -385,8 +401,8 @@ async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings
         "refine_seconds": refine_seconds,
         "settings": _settings_dict(settings),
         "notes": [
-            f"{len(crops.images)} random {held.crop} px crops from only {sum(len(r) for r in held.records)} held-back "
-            f"tiles ({len(held.groups)} patient(s)): crops overlap, KS p-values overstate the evidence.",
+            _sample_notes(held, len(crops.images))[0] + " KS p-values overstate the evidence.",
+            *_sample_notes(held, len(crops.images))[2:],
             "KS/KL per mask_stats feature (classes 0 = air, 1 = tissue); lower = closer to the real fine masks. "
             "KL uses 20 shared bins per feature.",
         ],
@@ -446,8 +462,9 @@ def scores_section(result: Mapping[str, Any], command: str) -> str:
         "## Scores",
         "",
         f"Held-back evaluation (`{command}`, training/evaluate.py): {data['crops']} random {data['crop']} px crops "
-        f"(seed {data['crop_seed']}) of the {data['test_tiles']} test-split tiles ({len(data['split']['test_groups'])} "
-        f"groups, split {data['split']['fractions']} seed {data['split']['seed']}), through {result['serving_path']}. "
+        f"(seed {data['crop_seed']}) of the {data['test_tiles']} test-split tile(s) "
+        f"({len(data['split']['test_groups'])} group(s), split {data['split']['fractions']} "
+        f"seed {data['split']['seed']}), through {result['serving_path']}. "
         "Full results: `bench/results/model_eval/" + result["model"]["name"] + ".json`.",
         "",
     ]
@@ -561,7 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = asyncio.run(evaluate_models(names, args.store, args.data_root, settings))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
-        command = f"python -m training.evaluate --model {name} --max-images {settings.max_images} --seed {settings.seed}"
+        command = (f"python -m training.evaluate --model {name} --max-images {settings.max_images} "
+                   f"--seed {settings.seed}")
         result = {**result, "command": command}
         (args.results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         if not args.no_update_store:
