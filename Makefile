@@ -67,6 +67,10 @@ $(addprefix export-,$(SCORING_MODELS)): export-%: $(STAMP)
 eval: $(STAMP)
 	$(PY) -m training.evaluate --all --max-images 512 --data-root $(DATA_ROOT)
 
+# Optional output: TorchServe archives (ONNX + a thin onnxruntime handler) of every shipped model into dist/torchserve.
+torchserve-archive: $(STAMP)
+	$(PY) -m training.export.torchserve_archive --out dist/torchserve $(ARCHIVE_FLAGS)
+
 export-patch-generator: $(STAMP)
 	$(PY) -m training.trainers.cgan_trainer export --run runs/patch-generator $(EXPORT_FLAGS)
 
