@@ -16,8 +16,16 @@ request) it measures throughput (images/s) and latency p50/p95/p99 (ms) of
                in one piece and (a) and (b) run the same FLOPs (the service's default tiles
                at the model's 128 px training crop, which costs more).
 
-and reports b/a per row. Same session settings on both paths (graph optimisation ALL, ONNX
-Runtime's default intra-op threads = one per core).
+  (c) torchserve  the same ONNX file archived for TorchServe (training/export/torchserve_archive.py,
+               deploy/torchserve/handler.py: ONNX Runtime inside a TorchServe Python worker, 1 worker),
+               started on loopback (deploy/torchserve/launcher.py) and called over REST with a
+               urllib3 connection pool from N client threads: the model tensor in and out as base64
+               JSON, so (c) runs the same FLOPs as (a). Its batching config (batchSize x maxBatchDelay)
+               is chosen per model by a short trial at one concurrency before the sweep; all trials
+               are recorded.
+
+and reports b/a and b/c per row, with (a), (b) and (c) interleaved in the same run. Same session
+settings on all paths (graph optimisation ALL, ONNX Runtime's default intra-op threads = one per core).
 
 Also: the renderer's achieved FLOP/s as a fraction of this machine's matmul peak, measured in
 the same run with numpy float32 matmul (FLOPs counted from the ONNX graph: 2 x MACs of every
@@ -32,12 +40,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import concurrent.futures
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -49,6 +60,7 @@ from typing import Any, Final
 import numpy as np
 import onnx
 import onnxruntime
+import urllib3
 import yaml
 
 from clients.client import HistosynthClient, spec_from_dict
@@ -71,7 +83,10 @@ SIZES: Final = ((256, 256), (512, 1024))
 CONCURRENCIES: Final = (1, 2, 4, 8)
 # Fields up to this edge render in one piece on the service, as they do on the runtime path.
 ONE_PIECE_TILE: Final = 1024
-MODES: Final = ("runtime", "grpc")
+MODES: Final = ("runtime", "grpc", "torchserve")
+# TorchServe batching configs tried per model (batchSize, maxBatchDelay ms) at TRIAL_CONCURRENCY and the smaller size.
+TORCHSERVE_TRIALS: Final = ((1, 5), (1, 20), (4, 5), (4, 20))
+TRIAL_CONCURRENCY: Final = 4
 
 
 # ----------------------------------------------------------------------- machine
@@ -280,7 +295,7 @@ def closed_loop(call: Callable[[], object], concurrency: int, duration_s: float)
 def paired_sweep(
     workload: Workload, calls: dict[str, Callable[[], object]], duration_s: float, rounds: int
 ) -> list[RunResult]:
-    """Both modes at each concurrency, interleaved in short rounds (a b, b a, a b, ...).
+    """Every mode at each concurrency, interleaved in short rounds (a b c, c b a, a b c, ...).
 
     The cores are shared with other jobs whose load swings by 2x within seconds, so running
     all of (a) and then all of (b) would measure the neighbours, not the paths. Rounds stop
@@ -335,6 +350,103 @@ def server_config() -> ServerConfig:
     return ServerConfig(model_store=MODEL_STORE, port=0, metrics_port=None, log_level="WARNING")
 
 
+# ----------------------------------------------------------------------- torchserve
+def torchserve_missing() -> str | None:
+    """Why (c) cannot run here, or None when java and torchserve are both installed."""
+    if shutil.which("java") is None:
+        return "java (JDK 17) is not on PATH"
+    try:
+        from deploy.torchserve.launcher import torchserve_executable
+    except ImportError as error:  # psutil comes with torchserve
+        return f"torchserve is not installed ({error})"
+    if torchserve_executable() is None:
+        return "torchserve is not installed"
+    return None
+
+
+class TorchServeCaller:
+    """POSTs one model tensor as the handler's JSON to /predictions/<model> and decodes the reply tensor.
+
+    The request body is encoded once per workload (the runtime path gets its tensor ready-made too);
+    the reply is decoded on every call, as the gRPC client decodes its images.
+    """
+
+    def __init__(self, pool: urllib3.PoolManager, url: str, feeds: dict[str, np.ndarray], output: str) -> None:
+        self._pool, self._url, self._output = pool, url, output
+        self._body = json.dumps({"inputs": {name: wire_tensor(array) for name, array in feeds.items()}}).encode()
+
+    def __call__(self) -> np.ndarray:
+        response = self._pool.request("POST", self._url, body=self._body,
+                                      headers={"Content-Type": "application/json"}, timeout=600.0)
+        if response.status != 200:
+            raise RuntimeError(f"TorchServe {self._url} answered {response.status}: {response.data[:500]!r}")
+        tensor = json.loads(response.data)["outputs"][self._output]
+        raw = base64.b64decode(tensor["data"])
+        return np.frombuffer(raw, np.dtype(tensor["dtype"]).newbyteorder("<")).reshape(tensor["shape"])
+
+
+def wire_tensor(array: np.ndarray) -> dict[str, object]:
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": base64.b64encode(little.tobytes()).decode()}
+
+
+def start_torchserve(manifests: dict[str, Any], settings: dict[str, tuple[int, int]], work_dir: Path) -> Any:
+    """Archive each model with its (batchSize, maxBatchDelay ms) and start TorchServe serving them."""
+    from deploy.torchserve import launcher
+    from training.export.torchserve_archive import ArchiveSettings, build_archive
+
+    store = work_dir / "store"
+    archives = {}
+    for name, manifest in manifests.items():
+        batch_size, delay_ms = settings[name]
+        archive = build_archive(manifest, store, ArchiveSettings(batch_size=batch_size, max_batch_delay_ms=delay_ms))
+        archives[name] = archive.name
+    return launcher.start(store, archives, work_dir / "server", ready_timeout_s=90.0)
+
+
+def torchserve_callers(server: Any, pool: urllib3.PoolManager, workloads: list[Workload],
+                       manifests: dict[str, Any]) -> dict[tuple[str, int, int], TorchServeCaller]:
+    return {
+        (w.model, w.height, w.width): TorchServeCaller(pool, server.prediction_url(w.model), w.runtime_feeds,
+                                                       manifests[w.model].outputs[0].name)
+        for w in workloads
+    }
+
+
+def torchserve_trials(manifests: dict[str, Any], workloads: list[Workload], duration_s: float,
+                      work_root: Path) -> tuple[dict[str, tuple[int, int]], list[dict[str, Any]]]:
+    """Each batching config at TRIAL_CONCURRENCY on each model's smaller workload; the fastest per model."""
+    smallest = [w for w in workloads if (w.height, w.width) == SIZES[0]]
+    trials = []
+    for batch_size, delay_ms in TORCHSERVE_TRIALS:
+        settings = {name: (batch_size, delay_ms) for name in manifests}
+        server = start_torchserve(manifests, settings, work_root / f"trial-b{batch_size}-d{delay_ms}")
+        try:
+            with urllib3.PoolManager(maxsize=max(CONCURRENCIES)) as pool:
+                callers = torchserve_callers(server, pool, smallest, manifests)
+                for workload in smallest:
+                    call = callers[(workload.model, workload.height, workload.width)]
+                    call()  # warm-up
+                    latencies, seconds = closed_loop(call, TRIAL_CONCURRENCY, duration_s)
+                    trial = {
+                        "model": workload.model, "size": f"{workload.height}x{workload.width}",
+                        "concurrency": TRIAL_CONCURRENCY, "batch_size": batch_size, "max_batch_delay_ms": delay_ms,
+                        "requests": len(latencies), "seconds": round(seconds, 3),
+                        "images_per_s": round(len(latencies) / seconds, 2), "latency_ms": summarize(latencies),
+                        "load_average_1min": load_average()[0],
+                    }
+                    print(f"  trial {workload.task:6s} batchSize {batch_size} maxBatchDelay {delay_ms:2d} ms: "
+                          f"{trial['images_per_s']:7.2f} img/s p50 {trial['latency_ms']['p50']:8.1f} ms", flush=True)
+                    trials.append(trial)
+        finally:
+            server.stop()
+    best = {}
+    for name in manifests:
+        fastest = max((t for t in trials if t["model"] == name), key=lambda t: t["images_per_s"])
+        best[name] = (fastest["batch_size"], fastest["max_batch_delay_ms"])
+    return best, trials
+
+
 # ----------------------------------------------------------------------- generation
 def generation_rate(count: int, warmup: int) -> dict[str, Any]:
     """Samples/s of the glands spec streamed from the in-process Generation service (gRPC, loopback)."""
@@ -379,8 +491,25 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
         for height, width in SIZES
     ]
 
+    manifests = {manifest.name: manifest for manifest in (render_manifest, refine_manifest)}
+    torchserve_reason = torchserve_missing()
+    torchserve_scratch = tempfile.TemporaryDirectory(prefix="bench-torchserve-")
+    torchserve_server: Any = None
+    torchserve_pool: urllib3.PoolManager | None = None
+    torchserve_best: dict[str, tuple[int, int]] = {}
+    trials: list[dict[str, Any]] = []
+    if torchserve_reason is None:
+        print(f"(c) TorchServe batching trials at concurrency {TRIAL_CONCURRENCY} ...", flush=True)
+        torchserve_best, trials = torchserve_trials(manifests, workloads, duration_s, Path(torchserve_scratch.name))
+        print(f"  best (batchSize, maxBatchDelay ms) per model: {torchserve_best}", flush=True)
+        torchserve_server = start_torchserve(manifests, torchserve_best, Path(torchserve_scratch.name) / "sweep")
+        torchserve_pool = urllib3.PoolManager(maxsize=max(CONCURRENCIES))
+    else:
+        print(f"(c) TorchServe skipped: {torchserve_reason}", flush=True)
+
     results: list[RunResult] = []
-    print("(a) ONNX Runtime in-process vs (b) gRPC services in-process on loopback, interleaved ...", flush=True)
+    print("(a) ONNX Runtime in-process vs (b) gRPC services vs (c) TorchServe, on loopback, interleaved ...",
+          flush=True)
     options = RuntimeOptions()
     runtimes = {
         manifest.name: OnnxRuntime(manifest.path, manifest.inputs, manifest.outputs, "cpu", options)
@@ -394,6 +523,8 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
     client = HistosynthClient(targets={"rendering": render_server.address, "refinement": refine_server.address},
                               timeout=600)
     try:
+        ts_callers = (torchserve_callers(torchserve_server, torchserve_pool, workloads, manifests)
+                      if torchserve_server is not None and torchserve_pool is not None else {})
         for workload in workloads:
             runtime = runtimes[workload.model]
             if workload.task == "Render":
@@ -401,6 +532,8 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
             else:
                 service_call = lambda w=workload: client.refine(w.service_input, model=w.model)  # noqa: E731
             calls = {"runtime": lambda r=runtime, w=workload: r.infer(w.runtime_feeds), "grpc": service_call}
+            if ts_callers:
+                calls["torchserve"] = ts_callers[(workload.model, workload.height, workload.width)]
             results += paired_sweep(workload, calls, duration_s, rounds)
     finally:
         client.close()
@@ -409,6 +542,13 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
         loop.close()
         for runtime in runtimes.values():
             runtime.close()
+        if torchserve_pool is not None:
+            torchserve_pool.clear()
+        if torchserve_server is not None:
+            killed = torchserve_server.stop()
+            if killed:
+                print(f"  TorchServe processes killed after --stop: {killed}", flush=True)
+        torchserve_scratch.cleanup()
 
     peak_end = measure_peak(peak_seconds)
     print(f"  matmul peak again: {peak_end['best_gflops']} GFLOP/s", flush=True)
@@ -437,6 +577,13 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
             "throughput_ratio_b_over_a": round(grpc_result.images_per_s / r.images_per_s, 3),
             "p50_ratio_b_over_a": round(grpc_result.latency_ms["p50"] / r.latency_ms["p50"], 3),
         }
+        torchserve_result = by_key.get((r.task, r.size, "torchserve", r.concurrency))
+        if torchserve_result is not None:
+            row["torchserve"] = asdict(torchserve_result)
+            row["torchserve_batching"] = dict(zip(("batch_size", "max_batch_delay_ms"), torchserve_best[r.model],
+                                                  strict=True))
+            row["throughput_ratio_b_over_c"] = round(grpc_result.images_per_s / torchserve_result.images_per_s, 3)
+            row["p50_ratio_b_over_c"] = round(grpc_result.latency_ms["p50"] / torchserve_result.latency_ms["p50"], 3)
         if r.task == "Render":
             gflop = flops[r.size]["total_gflop"]
             row["runtime_gflops"] = round(gflop * r.images_per_s, 1)
@@ -453,14 +600,19 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
         "for this machine and load",
         "settings": {
             "duration_s_per_configuration_and_mode": duration_s,
-            "interleaving": f"up to {rounds} alternating rounds per row (a b, b a, ...); a slow row gets one "
-            "round per mode because every client finishes at least one request",
+            "interleaving": f"up to {rounds} alternating rounds per row (a b c, c b a, ...); a slow row gets "
+            "one round per mode because every client finishes at least one request",
             "concurrencies": list(CONCURRENCIES),
             "images_per_request": 1,
             "runtime": "OnnxRuntime via ModelStore, CPU, graph optimisation ALL, intra_op_threads 0 (one per core)",
             "grpc": "servicer.start(ServerConfig(port=0, defaults: max_batch_size 8, max_queue_delay_ms 5, "
             "1 instance per device)), HistosynthClient on loopback, uint8 masks in, raw uint8 out; "
             f"rendering tile_size {ONE_PIECE_TILE} (one piece at both sizes)",
+            "torchserve": "torchserve --start on loopback (deploy/torchserve/launcher.py), .mar of the same ONNX "
+            "file with deploy/torchserve/handler.py (ONNX Runtime, graph optimisation ALL, intra_op_threads 0), "
+            "1 worker per model, batching per model from the trials; urllib3 PoolManager from N client threads, "
+            "REST POST /predictions/<model>, model tensor in/out as base64 JSON (body encoded once per workload, "
+            "reply decoded per call)",
         },
         "matmul_peak": peak,
         "matmul_peak_after_sweeps": peak_end,
@@ -468,13 +620,36 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
         "renderer_flops": {"model": RENDERER, "counted": "2 x MACs of Conv and ConvTranspose", **flops},
         "rows": rows,
         "generation": generation,
-        "torchserve": {
-            "status": "not measured",
-            "reason": "time-boxed out: the models are ONNX, so TorchServe would need a custom handler and a "
-            "model archive plus its Java frontend; torchserve 0.12.0 is on the package index and java is "
-            "present, so it can be added later (PERF-NOTES: 8.5 img/s TorchScript, batch 4, over REST)",
-        },
+        "torchserve": torchserve_summary(torchserve_reason, torchserve_best, trials),
     }
+
+
+def torchserve_summary(reason: str | None, best: dict[str, tuple[int, int]],
+                       trials: list[dict[str, Any]]) -> dict[str, Any]:
+    if reason is not None:
+        return {"status": "not measured", "reason": reason}
+    return {
+        "status": "measured",
+        "version": torchserve_version(),
+        "batching_trials": {
+            "configs_batch_size_x_max_batch_delay_ms": [list(config) for config in TORCHSERVE_TRIALS],
+            "concurrency": TRIAL_CONCURRENCY,
+            "size": f"{SIZES[0][0]}x{SIZES[0][1]}",
+            "chosen_by": "highest images/s per model",
+            "results": trials,
+        },
+        "chosen": {name: {"batch_size": b, "max_batch_delay_ms": d} for name, (b, d) in best.items()},
+        "workers_per_model": 1,
+    }
+
+
+def torchserve_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("torchserve")
+    except Exception:  # noqa: BLE001 - metadata is informational only
+        return None
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -488,16 +663,23 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{report['matmul_peak_after_sweeps']['best_gflops']} after; FLOP/s fractions use the higher, {used}.",
         "",
         "| Task | Size | Conc. | (a) ORT img/s | (a) p50/p95/p99 ms | (b) gRPC img/s | (b) p50/p95/p99 ms "
-        "| b/a img/s | n a/b | Renderer FLOP/s / peak (a) | load 1 min |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| (c) TorchServe img/s | (c) p50/p95/p99 ms | b/a img/s | b/c img/s | n a/b/c | Renderer FLOP/s / peak (a) "
+        "| load 1 min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         a, b = row["runtime"], row["grpc"]
         fraction = f"{row['runtime_fraction_of_peak']:.0%}" if "runtime_fraction_of_peak" in row else "–"
         lat = lambda r: "/".join(f"{r['latency_ms'][k]:.0f}" for k in ("p50", "p95", "p99"))  # noqa: E731
+        c = row.get("torchserve")
+        c_rate, c_lat, b_over_c = (
+            (f"{c['images_per_s']:.2f}", lat(c), f"{row['throughput_ratio_b_over_c']:.2f}") if c else ("–", "–", "–")
+        )
+        counts = "/".join(str(r["requests"]) for r in (a, b, c) if r)
         lines.append(
             f"| {row['task']} | {row['size']} | {row['concurrency']} | {a['images_per_s']:.2f} | {lat(a)} "
-            f"| {b['images_per_s']:.2f} | {lat(b)} | {row['throughput_ratio_b_over_a']:.2f} | {a['requests']}/{b['requests']} | {fraction} "
+            f"| {b['images_per_s']:.2f} | {lat(b)} | {c_rate} | {c_lat} "
+            f"| {row['throughput_ratio_b_over_a']:.2f} | {b_over_c} | {counts} | {fraction} "
             f"| {a['load_average_1min_at_start']:.1f} |"
         )
     flops = report["renderer_flops"]
@@ -508,9 +690,22 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{flops['512x1024']['total_gflop']} GFLOP at 512x1024.",
         f"End-to-end generation ({generation['spec']}, {generation['size']}, in-process Generation service): "
         f"{generation['samples_per_s']} samples/s ({generation['samples']} samples in {generation['seconds']} s).",
-        f"TorchServe: {report['torchserve']['status']} ({report['torchserve']['reason']}).",
+        torchserve_line(report["torchserve"]),
     ]
     return "\n".join(lines)
+
+
+def torchserve_line(torchserve: dict[str, Any]) -> str:
+    if torchserve["status"] != "measured":
+        return f"TorchServe: {torchserve['status']} ({torchserve['reason']})."
+    trials = torchserve["batching_trials"]
+    tried = "; ".join(
+        f"{t['model']} b{t['batch_size']}/{t['max_batch_delay_ms']}ms {t['images_per_s']:.2f} img/s" for t in trials["results"]
+    )
+    chosen = ", ".join(f"{name} batchSize {c['batch_size']} maxBatchDelay {c['max_batch_delay_ms']} ms"
+                       for name, c in torchserve["chosen"].items())
+    return (f"TorchServe {torchserve['version']}, 1 worker per model; batching chosen: {chosen} "
+            f"(trials at concurrency {trials['concurrency']}, {trials['size']}: {tried}).")
 
 
 def main() -> None:

@@ -1,22 +1,18 @@
 """A TorchServe archive of a shipped model, served by real TorchServe on loopback, computes what our runtime does.
 
-Builds renderer-he-nuclei's .mar (training/export/torchserve_archive.py), starts `torchserve --start` with a
-config whose every listener (REST inference/management/metrics, gRPC inference/management) is on 127.0.0.1 at
-a free port, waits for /ping to report Healthy, POSTs a renderer input built the way the rendering service
+Builds renderer-he-nuclei's .mar (training/export/torchserve_archive.py), starts `torchserve --start` through
+deploy/torchserve/launcher.py (every listener, REST inference/management/metrics and gRPC inference/management,
+on 127.0.0.1 at a free port; waits for /ping Healthy and a READY worker), POSTs a renderer input built the way the rendering service
 builds it (mask_ops.build_generator_input with noise_label from the request seed), and compares the output
-with services.core.runtimes OnnxRuntime.infer on the same input. `torchserve --stop` runs in a finally block,
-then the test waits for the frontend and its workers to exit. Skipped only when java or torchserve is absent.
+with services.core.runtimes OnnxRuntime.infer on the same input. The launcher's stop (`torchserve --stop`, then
+waiting for the frontend and its workers to exit) runs in a finally block. Skipped only when java or torchserve is absent.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -42,8 +38,10 @@ BATCH_DELAY_MS = 500
 READY_TIMEOUT_S = 45.0
 
 # psutil comes with torchserve (its launcher needs it): without it torchserve is not installed.
-psutil = pytest.importorskip("psutil", reason="torchserve is not installed (its dependency psutil is missing)")
-TORCHSERVE = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or shutil.which("torchserve")
+pytest.importorskip("psutil", reason="torchserve is not installed (its dependency psutil is missing)")
+from deploy.torchserve import launcher  # noqa: E402 - needs psutil, checked above
+
+TORCHSERVE = launcher.torchserve_executable()
 JAVA = shutil.which("java")
 
 pytestmark = [
@@ -52,18 +50,6 @@ pytestmark = [
     pytest.mark.skipif(TORCHSERVE is None, reason="torchserve is not installed (pip install torchserve==0.12.0)"),
     pytest.mark.skipif(not (SHIPPED_STORE / MODEL).is_dir(), reason=f"{MODEL} is not in model_store/"),
 ]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together so they differ, then released for TorchServe)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def renderer_input(manifest: ModelManifest, seed: int, size: int) -> np.ndarray:
@@ -115,34 +101,6 @@ def infer_request(url: str, input_name: str, batch: np.ndarray) -> Reply:
     return post(url, json.dumps({"inputs": {input_name: wire(batch)}}).encode())
 
 
-def get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return json.loads(response.read())
-
-
-def wait_until_ready(inference: int, management: int, frontend: psutil.Process, log_dir: Path) -> None:
-    """/ping says Healthy before the model's worker has loaded it, so also wait for a READY worker."""
-    started = time.monotonic()
-    while time.monotonic() - started < READY_TIMEOUT_S and frontend.is_running():
-        try:
-            healthy = get_json(f"http://127.0.0.1:{inference}/ping") == {"status": "Healthy"}
-            (described,) = get_json(f"http://127.0.0.1:{management}/models/{MODEL}")  # type: ignore[misc]
-            if healthy and any(worker["status"] == "READY" for worker in described["workers"]):
-                return
-        except (urllib.error.URLError, ConnectionError, ValueError):
-            pass  # frontend not listening yet, or model not registered yet
-        time.sleep(0.2)
-    logs = "\n".join(path.read_text()[-3000:] for path in sorted(log_dir.parent.glob("**/*.log")))
-    raise AssertionError(f"TorchServe has no READY worker for {MODEL} after {READY_TIMEOUT_S} s; logs:\n{logs}")
-
-
-def frontend_process(pid_file: Path) -> psutil.Process | None:
-    try:
-        return psutil.Process(int(pid_file.read_text().strip()))
-    except (FileNotFoundError, ValueError, psutil.Error):
-        return None
-
-
 def test_torchserve_archive_serves_same_output_as_onnx_runtime(tmp_path: Path) -> None:
     from training.export.torchserve_archive import ArchiveSettings, build_archive  # imports the torch-side package
 
@@ -151,42 +109,6 @@ def test_torchserve_archive_serves_same_output_as_onnx_runtime(tmp_path: Path) -
     archive = build_archive(manifest, store, ArchiveSettings(batch_size=BATCH_SIZE, max_batch_delay_ms=BATCH_DELAY_MS))
     assert archive.name == f"{MODEL}.mar"
 
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    config = tmp_path / "config.properties"
-    config.write_text(
-        "\n".join(
-            [
-                f"inference_address=http://127.0.0.1:{inference}",
-                f"management_address=http://127.0.0.1:{management}",
-                f"metrics_address=http://127.0.0.1:{metrics}",
-                "grpc_inference_address=127.0.0.1",
-                f"grpc_inference_port={grpc_inference}",
-                "grpc_management_address=127.0.0.1",
-                f"grpc_management_port={grpc_management}",
-                "default_workers_per_model=1",
-                "install_py_dep_per_model=false",
-            ]
-        )
-        + "\n"
-    )
-    # TorchServe keeps its pid file, worker sockets and logs under TMPDIR/TEMP and LOG_LOCATION:
-    # point them all into tmp_path so parallel runs and the repository stay untouched.
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    env = dict(
-        os.environ, TMPDIR=str(run_dir), TEMP=str(run_dir), LOG_LOCATION=str(log_dir), METRICS_LOCATION=str(log_dir)
-    )
-    pid_file = run_dir / ".model_server.pid"
-    # The frontend inherits the launcher's stdout, so a pipe would never reach EOF: write both to a file.
-    console = tmp_path / "torchserve-console.log"
-    launch: dict[str, Any] = dict(cwd=tmp_path, env=env, timeout=30, check=False)
-    start_command = [
-        TORCHSERVE, "--start", "--ncs", "--disable-token-auth", "--model-store", str(store),
-        "--models", f"{MODEL}={archive.name}", "--ts-config", str(config),
-    ]  # fmt: skip
-
     runtime = OnnxRuntime(manifest.path, manifest.inputs, manifest.outputs)
     tile = int(manifest.metadata["tile_size"])
     single = renderer_input(manifest, SEED, tile)
@@ -194,18 +116,12 @@ def test_torchserve_archive_serves_same_output_as_onnx_runtime(tmp_path: Path) -
     larger = renderer_input(manifest, SEED + 3, 2 * tile)
     input_name, output_name = manifest.inputs[0].name, manifest.outputs[0].name
 
-    frontend: psutil.Process | None = None
-    workers: list[psutil.Process] = []
     started = time.monotonic()
+    server = launcher.start(store, {MODEL: archive.name}, tmp_path / "torchserve", ready_timeout_s=READY_TIMEOUT_S)
     try:
-        with console.open("w") as output:
-            launched = subprocess.run(start_command, stdout=output, stderr=subprocess.STDOUT, **launch)
-        frontend = frontend_process(pid_file)
-        assert launched.returncode == 0 and frontend is not None, console.read_text()
-        wait_until_ready(inference, management, frontend, log_dir)
         print(f"TorchServe ready {time.monotonic() - started:.1f} s after --start")
 
-        url = f"http://127.0.0.1:{inference}/predictions/{MODEL}"
+        url = server.prediction_url(MODEL)
         # Three requests at once: TorchServe hands them to the handler as one batch; the two tile-sized
         # ones share one model call ([1 + 2, C, tile, tile]), the larger one runs on its own.
         requests = [single, pair, larger]
@@ -224,13 +140,6 @@ def test_torchserve_archive_serves_same_output_as_onnx_runtime(tmp_path: Path) -
         bad = infer_request(url, input_name, single[:, :3])
         assert bad.status == 400 and "size 3 on axis 1" in str(bad.body.get("error")), bad.body
     finally:
-        if frontend is not None and frontend.is_running():
-            workers = frontend.children(recursive=True)
-        with console.open("a") as output:
-            subprocess.run([TORCHSERVE, "--stop"], stdout=output, stderr=subprocess.STDOUT, **launch)
+        killed = server.stop(timeout_s=20)
         runtime.close()
-        # --stop only signals the frontend; wait for it and its Python workers, so nothing outlives the test.
-        _, alive = psutil.wait_procs([p for p in [frontend, *workers] if p is not None], timeout=20)
-        for process in alive:
-            process.kill()
-        assert not alive, f"TorchServe processes still running 20 s after --stop: {[p.pid for p in alive]}"
+    assert not killed, f"TorchServe processes still running 20 s after --stop (killed): {killed}"
