@@ -226,6 +226,19 @@ def distribution_scores(real: np.ndarray, synthetic: np.ndarray, settings: EvalS
     }
 
 
+def _held_back_summary(data_root: Path, held: HeldBack, crop_count: int, crop_seed: int) -> dict[str, Any]:
+    """Which held-back tiles and crops a result was computed on (shared by every model's report)."""
+    return {
+        "data_root": str(data_root),
+        "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
+        "test_tiles": sum(len(r) for r in held.records),
+        "test_tiles_per_source": {s.dataset: len(r) for s, r in zip(held.sources, held.records)},
+        "crop": held.crop,
+        "crops": crop_count,
+        "crop_seed": crop_seed,
+    }
+
+
 def _model_ref(manifest: ModelManifest) -> dict[str, str]:
     return {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256}
 
@@ -277,13 +290,7 @@ async def evaluate_renderer(host: ModelHost, name: str, data_root: Path, setting
         "segmenter": _model_ref(await _manifest_of(host, synthetic_consistency.segmenter.name,
                                                    synthetic_consistency.segmenter.version)),
         "data": {
-            "data_root": str(data_root),
-            "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
-            "test_tiles": sum(len(r) for r in held.records),
-            "test_tiles_per_source": {s.dataset: len(r) for s, r in zip(held.sources, held.records)},
-            "crop": held.crop,
-            "crops": len(crops.images),
-            "crop_seed": settings.seed,
+            **_held_back_summary(data_root, held, len(crops.images), settings.seed),
             "sources": [s.dataset for s in held.sources],
             "class_pixel_share": {c: float(pixel_share[i]) for i, c in enumerate(classes)},
         },
@@ -387,13 +394,7 @@ async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings
         "serving_path": "services.mask_refinement.pipeline.RefinementPipeline over services.model_host.ModelHost "
                         "(ONNX Runtime CPU)",
         "data": {
-            "data_root": str(data_root),
-            "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
-            "test_tiles": sum(len(r) for r in held.records),
-            "test_tiles_per_source": {s.dataset: len(r) for s, r in zip(held.sources, held.records)},
-            "crop": held.crop,
-            "crops": len(crops.images),
-            "crop_seed": settings.seed,
+            **_held_back_summary(data_root, held, len(crops.images), settings.seed),
             "fine_mask": f"tissue_mask(crop, {stain!r})",
             "coarse_mask": f"coarsen_mask(fine, open {open_size}, close {close_size}) (the training recipe)",
         },
