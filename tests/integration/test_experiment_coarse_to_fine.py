@@ -1,0 +1,54 @@
+"""`make experiment-coarse-to-fine --quick` on the fixture GlaS sample: real refinement + scoring services on
+loopback, the shipped mask-refiner and histology-encoder, a real report on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.experiments import coarse_to_fine
+
+FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+def test_blob_masks_hit_the_fraction_and_are_seeded() -> None:
+    masks, sigmas = coarse_to_fine.blob_masks(6, 64, 0.3, seed=5)
+    again, _ = coarse_to_fine.blob_masks(6, 64, 0.3, seed=5)
+    other, _ = coarse_to_fine.blob_masks(6, 64, 0.3, seed=6)
+    assert masks.shape == (6, 64, 64) and masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+    np.testing.assert_allclose(masks.reshape(6, -1).mean(1), 0.3, atol=1.0 / 64**2)
+    assert np.array_equal(masks, again) and not np.array_equal(masks, other)
+    assert set(sigmas) <= set(coarse_to_fine.BLOB_SIGMAS)
+
+
+def test_quick_experiment_writes_a_report(tmp_path: Path) -> None:
+    out = tmp_path / "coarse-to-fine"
+    assert coarse_to_fine.main(["--data-root", str(FIXTURE_DATA), "--out", str(out), "--quick"]) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    results = report["results"]
+    assert "quick mode" in results["data"]["split"]  # the fixture sample holds no refiner test split
+    assert results["refiner"]["name"] == "mask-refiner"
+    sets = set(coarse_to_fine.SET_ORDER)
+    assert set(results["mask_scores_vs_real_b"]) == sets == set(results["image_scores_vs_real_b"])
+    half = results["data"]["half_b_reference"]
+    for name in sets:
+        masks = results["mask_scores_vs_real_b"][name]
+        assert masks["real_count"] == half and masks["synthetic_count"] == half
+        assert len(masks["per_feature"]) == 12  # 6 mask_stats features x classes {0, 1}
+        assert 0.0 <= masks["mean_ks"] <= 1.0 and masks["mean_kl"] >= 0.0
+        images = results["image_scores_vs_real_b"][name]
+        assert np.isfinite(images["fid"]) and images["extractor"]["name"] == "histology-encoder"
+    # The noise baseline is thresholded to real half A's tissue fraction.
+    assert abs(results["tissue_fraction"]["noise_blobs"]["mean"]
+               - results["data"]["noise_blobs"]["tissue_fraction_f"]) < 1e-3
+    # The H&E refiner is refused for IHC by the service, and the report records the answer.
+    assert results["ihc_deepliif_235"]["service_answer_for_stain_ihc"]["refused"] is True
+
+    readme = (out / "README.md").read_text()
+    assert "noise-only blobs" in readme and "FID" in readme and "relative" in readme.lower()
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] > 4 * 256  # five columns: H&E | real | coarse | refined | blob
