@@ -63,6 +63,12 @@ SCORING_MODELS := histology-encoder segmenter-he-nuclei segmenter-he-glands segm
 $(addprefix export-,$(SCORING_MODELS)): export-%: $(STAMP)
 	$(PY) -m training.export.scoring_models --config training/configs/$*.yaml --checkpoint runs/$*/latest.pt --version 1 --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
 
+# Science reports (issue #8, MEP #9.3): `make experiment-<name>` runs training/experiments/<name>.py and writes
+# reports/<name>/ (README.md, report.json, image grids). Names: noise-frequency, coarse-to-fine,
+# downstream-segmentation, balanced-generation, mep-prompts. EXPERIMENT_FLAGS=--quick for a smoke run.
+experiment-%: proto
+	$(PY) -m training.experiments.$(subst -,_,$*) --data-root $(DATA_ROOT) --out reports/$* $(EXPERIMENT_FLAGS)
+
 # Held-back evaluation of the shipped renderers/refiner through the serving path; updates cards and manifests.
 eval: $(STAMP)
 	$(PY) -m training.evaluate --all --max-images 512 --data-root $(DATA_ROOT)
