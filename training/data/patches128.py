@@ -205,6 +205,13 @@ class Patch128Dataset(Dataset):
         self.augment = augment
         self.generator = torch.Generator().manual_seed(seed)
 
+    def set_class_ids(self, class_ids: list[int] | torch.Tensor) -> None:
+        """Replace the per-crop class ids (e.g. by finer condition ids such as MEP prompts), same crop order."""
+        ids = torch.as_tensor(class_ids, dtype=torch.int64)
+        if ids.shape != (len(self.records),):
+            raise ValueError(f"need one class id per crop ({len(self.records)}), got shape {tuple(ids.shape)}")
+        self.class_ids = ids
+
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 

@@ -9,6 +9,11 @@ spectral-norm state, so a resumed run continues exactly as if it had never stopp
 shared trainer's latest.pt, losses.jsonl and samples_<step>.png (here one row per class, eval mode = what is
 exported), plus run_info.json (classes, split counts) that the exporter reads.
 
+MEP prompts (issue #9.3, training/configs/patch-generator-mep.yaml): with `data.prompt_table` (a PromptTable JSON of
+training/data/mep_prompts.py built from the same train split) the class ids become (label, morphology cluster)
+prompt ids, batches are prompt-balanced (`data.balance`), and the export carries the prompt table in its metadata.
+Without it everything is as above (the shipped patch-generator trains and exports unchanged).
+
 Export (`export_patch_generator`, CLI `python -m training.trainers.cgan_trainer export --run runs/patch-generator`):
 the generator -> model_store/patch-generator/<version>/ through training.export.onnx_export.export_to_model_store,
 with a per-class sample grid in samples.png.
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from training.data.mep_prompts import PromptTable, balanced_weights
 from training.data.patches128 import Patch128Dataset, class_balanced_weights, load_patch_index
 from training.models.cgan_patch import (
     IMAGE_SIZE,
@@ -41,7 +47,7 @@ RUN_INFO_NAME = "run_info.json"
 _SEED_STRIDE = 1_000_003  # keeps the per-step random streams of different seeds apart
 _GENERATOR_KEYS = {"latent_dim", "class_embed_dim", "channels"}
 _DISCRIMINATOR_KEYS = {"channels"}
-_DATA_KEYS = {"label_scheme", "min_source_images", "val_fraction"}
+_DATA_KEYS = {"label_scheme", "min_source_images", "val_fraction", "prompt_table", "balance"}
 
 
 def _check_keys(section: Mapping[str, Any], valid: set[str], where: str) -> None:
@@ -110,8 +116,17 @@ class CGANTrainer(GanTrainer):
         }
         self.train_set = Patch128Dataset(self.data_root, self.index, "train", augment=True, seed=self.seed)
         self.preview_set = self.train_set
-        self.sample_weights = class_balanced_weights(self.train_set.class_ids)
-        self.architecture = architecture_from_config(self.config, len(self.index.class_names))
+        # Condition ids = class ids, unless a MEP prompt table (training/data/mep_prompts.py) splits every class into
+        # (class, morphology cluster) prompts; then batches are balanced over prompts instead of classes.
+        self.prompt_table: PromptTable | None = None
+        self.condition_names: tuple[str, ...] = self.index.class_names
+        if data.get("prompt_table"):
+            self._use_prompt_table(Path(data["prompt_table"]), str(data.get("balance", "label_then_cell")))
+        elif "balance" in data:
+            raise KeyError("data.balance needs data.prompt_table (without it batches are class-balanced)")
+        else:
+            self.sample_weights = class_balanced_weights(self.train_set.class_ids)
+        self.architecture = architecture_from_config(self.config, len(self.condition_names))
         self.generator = PatchGenerator(self.architecture)
         self.discriminator = PatchDiscriminator(self.architecture)
         self.preview_latents = fixed_latents(
@@ -119,6 +134,23 @@ class CGANTrainer(GanTrainer):
             self.architecture.latent_dim,
         )
         self._write_run_info()
+
+    def _use_prompt_table(self, path: Path, balance: str) -> None:
+        """Relabel the train crops with the table's condition ids and balance batches over prompts."""
+        table = PromptTable.from_json(path)
+        if tuple(table.labels) != self.index.class_names:
+            raise ValueError(f"prompt table {path} was built for classes {table.labels}, this split has "
+                             f"{list(self.index.class_names)} (rebuild it with the same data settings)")
+        keys = [(r.image, r.x, r.y) for r in self.train_set.records]
+        missing = [k for k in keys if k not in table.assignments]
+        if missing:
+            raise ValueError(f"prompt table {path} has no condition for {len(missing)} train crops, e.g. {missing[0]}")
+        condition_ids = [table.assignments[k] for k in keys]
+        self.train_set.set_class_ids(condition_ids)
+        labels = [c.label for c in table.conditions]
+        self.sample_weights = torch.from_numpy(balanced_weights(condition_ids, labels, balance))
+        self.prompt_table = table
+        self.condition_names = tuple(c.text for c in table.conditions)
 
     def _write_run_info(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +166,14 @@ class CGANTrainer(GanTrainer):
             "architecture": asdict(self.architecture),
             "generator_fp32_bytes": parameter_bytes(self.generator),
         }
+        if self.prompt_table is not None:
+            counts = torch.bincount(self.train_set.class_ids, minlength=len(self.condition_names)).tolist()
+            info |= {
+                "condition_names": list(self.condition_names),
+                "condition_train_counts": dict(zip(self.condition_names, counts)),
+                "prompt_table": self.prompt_table.metadata(),
+                "balance": str(self.config["data"].get("balance", "label_then_cell")),
+            }
         (self.out_dir / RUN_INFO_NAME).write_text(json.dumps(info, indent=2))
 
     def maybe_resume(self) -> bool:
@@ -190,7 +230,8 @@ class CGANTrainer(GanTrainer):
     def save_grid(self, path: Path, n: int = 0) -> Path:
         """One row per class from fixed latents, in eval mode (what the exported model produces)."""
         z, class_id = self.preview_latents
-        Image.fromarray(render_grid(self.generator, z, class_id, self.index.class_names)).save(path)
+        width = {"label_width": 420} if self.prompt_table is not None else {}  # prompt texts are long
+        Image.fromarray(render_grid(self.generator, z, class_id, self.condition_names, **width)).save(path)
         return path
 
 
@@ -257,8 +298,16 @@ def export_patch_generator(
     losses: Mapping[str, float] | None = None,
     training_notes: str | None = None,
     overwrite: bool = False,
+    prompt_table: Mapping[str, Any] | None = None,
+    extra_metrics: Mapping[str, Any] | None = None,
+    extra_card_sections: Mapping[str, str] | None = None,
 ) -> Path:
-    """Export `generator` into <store_root>/<name>/<version>/ with a per-class samples.png; returns that directory."""
+    """Export `generator` into <store_root>/<name>/<version>/ with a per-class samples.png; returns that directory.
+
+    `prompt_table` (PromptTable.metadata() of training/data/mep_prompts.py) marks a MEP model: its class ids are
+    (label, morphology cluster) prompts, `class_names` are the prompt texts and the table goes into the metadata.
+    `extra_metrics` / `extra_card_sections` add evaluation results to the manifest metrics / model card.
+    """
     from training.export.onnx_export import ModelCard, export_to_model_store, git_commit, hardware_string
 
     export_cfg = dict(config.get("export", {}))
@@ -273,9 +322,13 @@ def export_patch_generator(
         raise ValueError(f"{len(class_names)} class names for a generator with {arch.num_classes} classes")
     generator = generator.eval()
     z, class_id = fixed_latents(sample_seed, arch.num_classes, samples_per_class, arch.latent_dim)
-    grid = render_grid(generator, z, class_id, class_names)
+    # Prompt texts are longer than class names: a wider caption column keeps them off the samples.
+    grid = render_grid(generator, z, class_id, class_names, **({"label_width": 420} if prompt_table else {}))
     losses = dict(losses or {})
 
+    metadata = patch_generator_metadata(list(class_names), arch.latent_dim, label_scheme)
+    if prompt_table is not None:
+        metadata |= mep_metadata(prompt_table)
     card = ModelCard(
         title="class-conditioned 128x128 H&E patch generator (cGAN)",
         summary=(
@@ -310,8 +363,11 @@ def export_patch_generator(
                 f"{samples_per_class} samples each, z from np.random.Generator(PCG64({sample_seed})), eval mode."
             ),
             **({"Training details": training_notes} if training_notes else {}),
+            **dict(extra_card_sections or {}),
         },
     )
+    if prompt_table is not None:
+        card = mep_card(card, prompt_table, train_counts, samples_per_class, sample_seed)
     provenance = {
         "training_commit": git_commit(Path(__file__).resolve().parents[2]),
         "config": dict(config),
@@ -334,9 +390,10 @@ def export_patch_generator(
         input_names=["z", "class_id"],
         output_names=["image"],
         dynamic_axes={"z": {0: "batch"}, "class_id": {0: "batch"}, "image": {0: "batch"}},
-        metadata=patch_generator_metadata(list(class_names), arch.latent_dim, label_scheme),
+        metadata=metadata,
         provenance=provenance,
-        metrics={"train_counts": dict(train_counts), "generator_fp32_bytes": parameter_bytes(generator), **losses},
+        metrics={"train_counts": dict(train_counts), "generator_fp32_bytes": parameter_bytes(generator), **losses,
+                 **dict(extra_metrics or {})},
         store_root=store_root,
         parity_sizes=((IMAGE_SIZE, IMAGE_SIZE),),
         parity_inputs=parity_inputs,
@@ -350,9 +407,71 @@ def export_patch_generator(
     return version_dir
 
 
+def mep_metadata(prompt_table: Mapping[str, Any]) -> dict[str, Any]:
+    """Manifest metadata of a MEP model: how to pick a condition id from a label (and a morphology type)."""
+    prompts = list(prompt_table["prompts"])
+    return {
+        "conditioning": "label_x_morphology_prompt",
+        "condition_sampling": (
+            "class_id = a prompt's condition_id. For a label only, draw the condition among the label's prompts "
+            "with probability label_cluster_shares[label] (the training-crop shares; reproduces the label's real "
+            "morphology mix) or uniformly (balanced across morphology types)."
+        ),
+        "labels": list(prompt_table["labels"]),
+        "label_condition_ids": {label: [p["condition_id"] for p in prompts if p["label"] == label]
+                                for label in prompt_table["labels"]},
+        "prompt_table": dict(prompt_table),
+    }
+
+
+def mep_card(card: Any, prompt_table: Mapping[str, Any], train_counts: Mapping[str, int], samples_per_class: int,
+             sample_seed: int) -> Any:
+    """The model card of a MEP model: same facts, with the prompts in place of the classes."""
+    from dataclasses import replace
+
+    prompts = list(prompt_table["prompts"])
+    curve = prompt_table["sd_index_curve"]
+    return replace(
+        card,
+        title="MEP prompt-conditioned 128x128 H&E patch generator (cGAN, label x morphology type)",
+        summary=card.summary.replace("`class_id` int64 [batch]", "`class_id` int64 [batch] (a prompt's condition id)")
+        + "\n\nConditioning follows the morphology-enriched prompt building (MEP) of Osorio et al. 2024: every "
+        "training crop's label is refined by its k-means cluster of shipped histology-encoder features, one "
+        "condition per prompt \"<label> tissue, morphology type <k>\" (prompt table in the manifest metadata).",
+        data=card.data.split("\n\n| id |")[0].replace(
+            "Batches are class-balanced (sample weight = 1 / class frequency)",
+            "Batches are prompt-balanced (each label equally likely, then each of its prompts; MEP section 2.4)")
+        + f"\n\nMorphology types: k = {prompt_table['k']} (smallest SD index over k = {curve[0]['k']}..{curve[-1]['k']}; "
+        f"{prompt_table['clustering']}); (label, cluster) cells with fewer than {prompt_table['min_cell_crops']} "
+        "training crops are merged into the label's nearest kept cell.\n\n"
+        "| id | prompt | train crops | merged clusters |\n|---|---|---|---|\n"
+        + "\n".join(f"| {p['condition_id']} | {p['text']} | {train_counts.get(p['text'], p['train_crops'])} | "
+                    f"{', '.join(map(str, p['merged_clusters'])) or '-'} |" for p in prompts)
+        + "\n\n| k | Scat | Dis | SD |\n|---|---|---|---|\n"
+        + "\n".join(f"| {c['k']} | {c['scat']:.4f} | {c['dis']:.4f} | {c['sd']:.4f} |" for c in curve),
+        limitations=(
+            "Short single-thread CPU training on ~2k weakly labelled crops: samples reproduce the colour and coarse "
+            "texture of each prompt, not reliable cellular detail, and transposed-convolution checkerboard artefacts "
+            "remain. Labels are image-level; GlaS (20x) and MoNuSeg (40x) differ in magnification. Morphology types "
+            "are k-means clusters of the same encoder the scoring service uses for FID/KID/precision/recall, so "
+            "scores of this model are partly circular (it is conditioned on what the judge measures), and a type "
+            "number has no meaning outside this prompt table. A prompt of a small cell (tens of crops) is learnt "
+            "from few crops, drawn as often as its label's large cells, and may reproduce them closely. No "
+            "pathologist reviewed the samples."
+        ),
+        extra_sections={
+            **card.extra_sections,
+            "Samples": ("![samples](samples.png)\n\nOne row per prompt (condition id: text), "
+                        f"{samples_per_class} samples each, z from np.random.Generator(PCG64({sample_seed})), "
+                        "eval mode."),
+        },
+    )
+
+
 def export_run(run_dir: str | Path, *, store_root: str | Path = "model_store", version: str | None = None,
-               overwrite: bool = False) -> Path:
-    """Export the latest checkpoint of a CGANTrainer run directory."""
+               overwrite: bool = False, extra_metrics: Mapping[str, Any] | None = None,
+               extra_card_sections: Mapping[str, str] | None = None) -> Path:
+    """Export the latest checkpoint of a CGANTrainer run directory (a MEP run exports its prompt table too)."""
     run_dir = Path(run_dir)
     checkpoint = run_dir / CHECKPOINT_NAME
     if not checkpoint.is_file():
@@ -369,7 +488,8 @@ def export_run(run_dir: str | Path, *, store_root: str | Path = "model_store", v
     torch.set_num_threads(int(payload.get("hardware_threads", torch.get_num_threads())))
     train_cfg = dict(payload["config"]["train"])
     steps, seconds = int(payload["step"]), float(payload["train_seconds"])
-    events = _run_events(run_dir / "losses.jsonl")
+    # A resume at the final step trained nothing (a finished run re-invoked, e.g. by an experiment script).
+    events = [e for e in _run_events(run_dir / "losses.jsonl") if e != f"event resumed, step {steps}"]
     notes = (
         f"{steps} steps of batch {train_cfg.get('batch_size')} (class-balanced), Adam lr {train_cfg.get('lr')} "
         f"beta1 {train_cfg.get('beta1')} with the shared GanTrainer schedule (constant for the first half of the "
@@ -379,18 +499,24 @@ def export_run(run_dir: str | Path, *, store_root: str | Path = "model_store", v
         f"{parameter_bytes(generator) / 2**20:.1f} MiB fp32."
         + ("\n\nRun events (resumes, time-budget reschedules): " + "; ".join(events) + "." if events else "")
     )
+    mep = "prompt_table" in info
+    if mep:
+        notes = notes.replace("(class-balanced)", f"(prompt-balanced, {info.get('balance', 'label_then_cell')})")
     return export_patch_generator(
         generator,
-        class_names=list(info["class_names"]),
+        class_names=list(info["condition_names"] if mep else info["class_names"]),
         config=payload["config"],
         steps=int(payload["step"]),
         train_seconds=float(payload["train_seconds"]),
-        train_counts=info["train_counts"],
+        train_counts=info["condition_train_counts"] if mep else info["train_counts"],
         store_root=store_root,
         version=version,
         losses=final_losses(run_dir / "losses.jsonl"),
         training_notes=notes,
         overwrite=overwrite,
+        prompt_table=info["prompt_table"] if mep else None,
+        extra_metrics=extra_metrics,
+        extra_card_sections=extra_card_sections,
     )
 
 
