@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from services.core import mask_ops
 from training.data.augment import paired_augment
+from training.data.polygon_masks import PolygonSettings, polygon_mask
 from training.data.shared_layout import Record, Sample, load_sample
 
 
@@ -140,6 +141,38 @@ class MaskToImageDataset(_RecordDataset):
             "label": torch.from_numpy(label),
             "image": _to_signed_unit(image.transpose(2, 0, 1)),
         }
+
+
+class PolygonMaskDataset(MaskToImageDataset):
+    """MaskToImageDataset whose class map is the polygon-style region mask of the nuclei class map.
+
+    The region mask (training.data.polygon_masks.polygon_mask, `polygon` = PolygonSettings fields) is derived
+    from the WHOLE record before cropping, so a crop sees the regions its tile context implies, and is cached
+    with the decoded sample. Used by the noise-frequency ablation: "Polygons" (+ noise_spacing = "Polygons +
+    Noise"). use_edges is rejected: a polygon mask has no instances (the point of the ablation).
+    """
+
+    def __init__(self, records: Sequence[Record], crop: int, num_classes: int, class_remap: dict | None = None,
+                 noise_spacing: float | None = None, use_edges: bool = False, seed: int = 0,
+                 length: int | None = None, *, cache: bool = False, polygon: Mapping | None = None) -> None:
+        if use_edges:
+            raise ValueError("PolygonMaskDataset has no instance edges (polygon masks carry no single cells)")
+        super().__init__(records, crop, num_classes, class_remap, noise_spacing, False, seed, length, cache=cache)
+        self.settings = PolygonSettings(**dict(polygon or {}))
+        # The remap must happen before region derivation (polygon ids = model ids), and only once.
+        self._region_lut, self.lut = self.lut, None
+
+    def _sample(self, index: int) -> Sample:
+        position = index % len(self.records)
+        if position in self._samples:
+            return self._samples[position]
+        sample = load_sample(self.records[position])
+        class_map = sample.class_map if self._region_lut is None else self._region_lut[sample.class_map]
+        regions = polygon_mask(class_map, self.num_classes, self.settings)
+        derived = Sample(image=sample.image, class_map=regions, instances=None, coarse=sample.coarse)
+        if self.cache:
+            self._samples[position] = derived
+        return derived
 
 
 class CoarseToFineDataset(_RecordDataset):

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from services.core import mask_ops
-from training.data.datasets import MaskToImageDataset
+from training.data.datasets import MaskToImageDataset, PolygonMaskDataset
 from training.data.derived_labels import TissueGlandDataset
 from training.data.shared_layout import load_records, split_records
 from training.losses import feature_matching_loss, lsgan_loss
@@ -24,7 +24,7 @@ from training.trainers.base import GanTrainer, to_uint8_image
 from training.trainers.pix2pix_trainer import set_requires_grad
 
 # "derive" key of a data source -> dataset class (how its class map is built)
-DATASET_KINDS = {"mask": MaskToImageDataset, "tissue_gland": TissueGlandDataset}
+DATASET_KINDS = {"mask": MaskToImageDataset, "tissue_gland": TissueGlandDataset, "polygon": PolygonMaskDataset}
 
 
 def input_channels(config: Mapping[str, Any]) -> int:
@@ -69,7 +69,8 @@ class Pix2PixHDTrainer(GanTrainer):
                 remap = {int(k): int(v) for k, v in (source.get("class_remap") or {}).items()}
                 parts.append(kind(records, crop=int(data["crop"]), num_classes=self.num_classes, class_remap=remap,
                                   noise_spacing=data.get("noise_spacing"), use_edges=bool(data.get("use_edges")),
-                                  seed=seed, length=length_of(source), cache=True))
+                                  seed=seed, length=length_of(source), cache=True,
+                                  **dict(source.get("derive_options") or {})))  # e.g. polygon settings
             return ConcatDataset(parts) if parts else None
 
         self.train_set = dataset("train", self.seed, lambda s: int(s.get("epoch_length", 500)))
