@@ -8,7 +8,7 @@ LOCK := requirements/dev.lock
 GEN := services/_generated
 PROTOS := $(shell find proto -name '*.proto' | sort)
 
-.PHONY: help install proto proto-check test test-gpu run bench bench-core clean
+.PHONY: help install proto proto-check test test-gpu run bench bench-core bench-diffusion clean
 
 help:
 	@echo "make run    - generate a small synthetic batch with the shipped models (CPU, loopback)"
@@ -83,8 +83,12 @@ export-patch-generator: $(STAMP)
 bench-core: proto
 	$(PY) -m bench.bench_core
 
+# Diffusion serving: images/s and latency for 1 vs 8 clients with and without step-level batching.
+bench-diffusion: proto
+	$(PY) -m bench.bench_diffusion
+
 # Serving benchmarks: in-process ONNX Runtime vs our gRPC servers, concurrency sweep, roofline, end-to-end generation.
-bench: bench-core
+bench: bench-core bench-diffusion
 	$(PY) -m bench.bench_serving
 
 clean:

@@ -34,10 +34,10 @@ import yaml
 from clients.client import ClientSample, HistosynthClient, spec_from_dict, tls_credentials
 from services.core.config import ServerConfig
 from services.generation.sink import SampleWriter
-from services.generation.spec import RENDERER_FOR_TISSUE, GenerationSpec
+from services.generation.spec import MASK_GENERATOR_FOR_TISSUE, RENDERER_FOR_TISSUE, GenerationSpec
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
-DEMO_SPECS = ("glands-balanced.yaml", "ihc-ki67-bins.yaml", "nuclei.yaml")
+DEMO_SPECS = ("glands-balanced.yaml", "ihc-ki67-bins.yaml", "nuclei.yaml", "nuclei-diffusion.yaml")
 EMBEDDED_SERVICES = ("refinement", "rendering", "generation")
 
 
@@ -255,7 +255,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _available_tissues(model_store: Path) -> list[str]:
-    return [t for t, name in RENDERER_FOR_TISSUE.items() if (model_store / name).is_dir()]
+    """Tissues whose models (renderer, and mask generator where the tissue has one) are in the store."""
+    return [
+        tissue for tissue, name in RENDERER_FOR_TISSUE.items()
+        if (model_store / name).is_dir()
+        and (tissue not in MASK_GENERATOR_FOR_TISSUE or (model_store / MASK_GENERATOR_FOR_TISSUE[tissue]).is_dir())
+    ]
 
 
 def cmd_run_demo(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from services._generated.histosynth.v1 import (
     mask_rendering_pb2,
     mask_rendering_pb2_grpc,
 )
-from services.generation.spec import FractionRange, GenerationSpec, StratumSpec
+from services.generation.spec import DiffusionSampling, FractionRange, GenerationSpec, StratumSpec
 
 SERVICES = ("refinement", "rendering", "generation")
 JOB_STATES = {
@@ -70,6 +70,34 @@ class RefineOutput:
 class RenderOutput:
     images: np.ndarray  # uint8 [N, H, W, 3] RGB
     model: ModelInfo
+
+
+@dataclass(frozen=True)
+class NucleiMasksOutput:
+    class_maps: np.ndarray  # uint8 [N, H, W]; ids name class_names
+    instance_maps: np.ndarray  # int32 [N, H, W]; 0 = none
+    class_names: tuple[str, ...]
+    model: ModelInfo
+
+
+_DIFFUSION_SCHEDULERS = {
+    None: mask_rendering_pb2.DIFFUSION_SCHEDULER_UNSPECIFIED,
+    "ddim": mask_rendering_pb2.DIFFUSION_SCHEDULER_DDIM,
+    "dpmsolver++": mask_rendering_pb2.DIFFUSION_SCHEDULER_DPM_SOLVER_PP,
+}
+
+
+def diffusion_options(
+    steps: int | None, scheduler: str | None, guidance_scale: float | None
+) -> mask_rendering_pb2.DiffusionOptions:
+    """None = the model's default for each; scheduler is "ddim" or "dpmsolver++"."""
+    if scheduler not in _DIFFUSION_SCHEDULERS:
+        valid = [name for name in _DIFFUSION_SCHEDULERS if name]
+        raise ValueError(f"scheduler {scheduler!r} is unknown; valid: {valid} (or None for the model's default)")
+    options = mask_rendering_pb2.DiffusionOptions(steps=steps or 0, scheduler=_DIFFUSION_SCHEDULERS[scheduler])
+    if guidance_scale is not None:
+        options.guidance_scale = guidance_scale
+    return options
 
 
 @dataclass(frozen=True)
@@ -109,9 +137,19 @@ class JobStatus:
 # ------------------------------------------------------------------------ spec I/O
 _SPEC_KEYS = {
     "count", "tissue", "height", "width", "strata", "tolerance", "seed", "noise_spacing", "refine",
-    "min_consistency", "sink_uri", "model_versions",
+    "min_consistency", "sink_uri", "model_versions", "diffusion",
 }
-_STRATUM_KEYS = {"label", "weight", "class_fractions", "class_fraction_ranges", "positive_proportion", "nuclear_fraction"}
+_STRATUM_KEYS = {
+    "label", "weight", "class_fractions", "class_fraction_ranges", "positive_proportion", "nuclear_fraction",
+    "nuclei_types",
+}
+_DIFFUSION_KEYS = {"steps", "scheduler", "guidance_scale"}
+# Spec scheduler names <-> the wire enum of histosynth.v1.DiffusionOptions.
+_SCHEDULER_ENUM = {
+    "": mask_rendering_pb2.DIFFUSION_SCHEDULER_UNSPECIFIED,
+    "ddim": mask_rendering_pb2.DIFFUSION_SCHEDULER_DDIM,
+    "dpmsolver++": mask_rendering_pb2.DIFFUSION_SCHEDULER_DPM_SOLVER_PP,
+}
 
 
 def _range_from(value: Any, where: str) -> FractionRange:
@@ -148,6 +186,7 @@ def spec_from_dict(data: Mapping[str, Any], count: int | None = None) -> Generat
                 else _range_from(raw["positive_proportion"], f"{where}.positive_proportion"),
                 nuclear_fraction=None if raw.get("nuclear_fraction") is None
                 else _range_from(raw["nuclear_fraction"], f"{where}.nuclear_fraction"),
+                nuclei_types=tuple(str(t) for t in raw.get("nuclei_types") or ()),
             )
         )
     if "tissue" not in data:
@@ -168,6 +207,20 @@ def spec_from_dict(data: Mapping[str, Any], count: int | None = None) -> Generat
         min_consistency=float(data.get("min_consistency", 0.0)),
         sink_uri=str(data.get("sink_uri", "")),
         model_versions={str(k): str(v) for k, v in (data.get("model_versions") or {}).items()},
+        diffusion=_diffusion_from(data.get("diffusion") or {}),
+    )
+
+
+def _diffusion_from(raw: Mapping[str, Any]) -> DiffusionSampling:
+    unknown = sorted(set(raw) - _DIFFUSION_KEYS)
+    if unknown:
+        raise ValueError(f"diffusion: unknown key(s) {unknown}; valid: {sorted(_DIFFUSION_KEYS)}")
+    scheduler = str(raw.get("scheduler", ""))
+    if scheduler not in _SCHEDULER_ENUM:
+        raise ValueError(f"diffusion.scheduler: {scheduler!r} is unknown; valid: {[k for k in _SCHEDULER_ENUM if k]}")
+    guidance = raw.get("guidance_scale")
+    return DiffusionSampling(
+        steps=int(raw.get("steps", 0)), scheduler=scheduler, guidance_scale=None if guidance is None else float(guidance)
     )
 
 
@@ -197,6 +250,13 @@ def request_from_spec(spec: GenerationSpec, indices: Sequence[int] | None = None
             entry.positive_proportion.CopyFrom(_range_proto(stratum.positive_proportion))
         if stratum.nuclear_fraction is not None:
             entry.nuclear_fraction.CopyFrom(_range_proto(stratum.nuclear_fraction))
+        entry.nuclei_types.extend(stratum.nuclei_types)
+    if spec.diffusion != DiffusionSampling():
+        sampling = spec.diffusion
+        message.diffusion.steps = sampling.steps
+        message.diffusion.scheduler = _SCHEDULER_ENUM[sampling.scheduler]
+        if sampling.guidance_scale is not None:
+            message.diffusion.guidance_scale = sampling.guidance_scale
     if spec.coarse_masks is not None:
         message.coarse_masks.CopyFrom(tensor_codec.array_to_tensor(np.asarray(spec.coarse_masks, np.uint8)))
     return generation_pb2.GenerateRequest(
@@ -410,12 +470,17 @@ class HistosynthClient:
         noise_labels: np.ndarray | None = None,
         seed: int = 0,
         noise_spacing: float = 0.0,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        guidance_scale: float | None = None,
         timeout: float | None = None,
     ) -> RenderOutput:
+        """``steps``/``scheduler``/``guidance_scale`` apply to diffusion renderers (None = model default)."""
         request = mask_rendering_pb2.RenderRequest(
             model=model, model_version=version, seed=seed, noise_spacing=noise_spacing,
             class_masks=tensor_codec.array_to_tensor(np.asarray(class_masks, np.uint8)),
             encoding=mask_rendering_pb2.IMAGE_ENCODING_RAW,
+            diffusion=diffusion_options(steps, scheduler, guidance_scale),
         )
         if instance_maps is not None:
             request.instance_maps.CopyFrom(tensor_codec.array_to_tensor(np.asarray(instance_maps)))
@@ -425,6 +490,39 @@ class HistosynthClient:
         response = stub.Render(request, timeout=self._timeout(timeout))
         return RenderOutput(
             images=np.array(tensor_codec.tensor_to_array(response.images, "images")), model=_model(response.model)
+        )
+
+    def generate_nuclei_masks(
+        self,
+        types: Sequence[str] = (),
+        count: int = 1,
+        *,
+        model: str = "nuclei-mask-generator",
+        version: str = "",
+        seed: int = 0,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        guidance_scale: float | None = None,
+        size: tuple[int, int] | None = None,
+        timeout: float | None = None,
+    ) -> NucleiMasksOutput:
+        """``count`` nuclei masks with the given types present (e.g. ["inflammatory", "epithelial"]).
+
+        Feed the result to ``render(class_maps, instance_maps=..., model="renderer-diffusion-nuclei")``
+        to get matching images. Mask i uses seed + i.
+        """
+        height, width = size or (0, 0)
+        request = mask_rendering_pb2.GenerateNucleiMasksRequest(
+            model=model, model_version=version, types=list(types), count=count, seed=seed,
+            diffusion=diffusion_options(steps, scheduler, guidance_scale), height=height, width=width,
+        )
+        stub = mask_rendering_pb2_grpc.MaskRenderingStub(self._channel("rendering"))
+        response = stub.GenerateNucleiMasks(request, timeout=self._timeout(timeout))
+        return NucleiMasksOutput(
+            class_maps=np.array(tensor_codec.tensor_to_array(response.class_maps, "class_maps")),
+            instance_maps=np.array(tensor_codec.tensor_to_array(response.instance_maps, "instance_maps")),
+            class_names=tuple(response.class_names),
+            model=_model(response.model),
         )
 
     def _generation(self) -> generation_pb2_grpc.GenerationStub:

@@ -26,6 +26,7 @@ from typing import Final
 from services.core.config import ServerConfig
 from services.core.grpc_server import RunningServer, start_server
 from services.core.model_store import ModelStore
+from services.diffusion.pipeline import DiffusionSettings
 from services.generation import servicer as generation_servicer
 from services.mask_refinement import servicer as refinement_servicer
 from services.mask_rendering import servicer as rendering_servicer
@@ -114,7 +115,10 @@ async def start_all(
                 server = await start_server(refinement_servicer.registrations(refine_host), server_config)
             elif name == "rendering":
                 assert render_host is not None
-                server = await start_server(rendering_servicer.registrations(render_host), server_config)
+                diffusion = DiffusionSettings.from_server_config(config)  # HISTOSYNTH_DIFFUSION_*
+                server = await start_server(
+                    rendering_servicer.registrations(render_host, diffusion=diffusion), server_config
+                )
             elif name == "generation":
                 assert render_host is not None and refine_host is not None and score_host is not None
                 running.stack = generation_servicer.create_stack(

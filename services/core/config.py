@@ -176,6 +176,26 @@ class ServerConfig:
         "service mesh that terminates mTLS). Without it such a server refuses to start.",
     )
 
+    # ----------------------------------------------------------------- diffusion
+    diffusion_step_batching: bool = setting(
+        True,
+        "Diffusion models: batch denoising steps of different requests (at different timesteps) into one "
+        "denoiser call, so new requests join at the next step. false = request-level batching: a batch of "
+        "requests runs start to finish and newcomers wait (the benchmark baseline).",
+    )
+    diffusion_max_rows: int | None = setting(
+        None,
+        "Diffusion models: most rows per denoiser call (classifier-free guidance takes 2 rows per sample); "
+        "unset = the model manifest's max_batch_size.",
+        lambda value: None if value is None or value >= 1 else "must be >= 1",
+    )
+    diffusion_max_active: int = setting(
+        32,
+        "Diffusion models: samples denoised concurrently per model; more wait in the admission queue "
+        "(bounded by HISTOSYNTH_MAX_QUEUE_SIZE, beyond which RESOURCE_EXHAUSTED).",
+        _at_least(1),
+    )
+
     def __post_init__(self) -> None:
         check_settings(self)
         self._check_security_settings()

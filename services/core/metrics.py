@@ -127,6 +127,63 @@ MODEL_INSTANCES = Gauge(
     registry=REGISTRY,
 )
 
+# ---------------------------------------------------------------------- diffusion
+# The diffusion engine (services/diffusion/engine.py) batches denoising *steps*, not requests;
+# its requests are also counted in histosynth_model_requests_total / _request_duration_seconds.
+# Under the "model" subsystem (they are per model version); "rows" of a denoiser call are samples
+# along axis 0, as in histosynth_model_batch_size_samples.
+DIFFUSION_STEPS = Counter(
+    "histosynth_model_denoising_steps_total",
+    "Denoising steps completed (one per sample per scheduler step; rate() = steps/s).",
+    ("model", "version"),
+    registry=REGISTRY,
+)
+DIFFUSION_SAMPLES_IN_FLIGHT = Gauge(
+    "histosynth_model_diffusion_in_flight_samples",
+    "Samples being denoised right now (admitted to the engine's active set, not finished).",
+    ("model", "version"),
+    registry=REGISTRY,
+)
+DIFFUSION_QUEUED_SAMPLES = Gauge(
+    "histosynth_model_diffusion_queued_samples",
+    "Samples waiting for admission to the engine's active set.",
+    ("model", "version"),
+    registry=REGISTRY,
+)
+DIFFUSION_CALL_ROWS = Histogram(
+    "histosynth_model_denoiser_call_samples",
+    "Rows (samples, doubled by classifier-free guidance) in each denoiser call of the engine.",
+    ("model", "version"),
+    buckets=BATCH_SIZE_BUCKETS,
+    registry=REGISTRY,
+)
+DIFFUSION_STEP_DURATION = Histogram(
+    "histosynth_model_denoising_step_duration_seconds",
+    "One engine iteration: a batched denoiser call plus every request's scheduler update.",
+    ("model", "version"),
+    buckets=LATENCY_BUCKETS_SECONDS,
+    registry=REGISTRY,
+)
+
+
+@dataclass(frozen=True)
+class DiffusionMetrics:
+    """Diffusion-engine metrics bound to one (model, version) label pair."""
+
+    model: str
+    version: str
+
+    def record_iteration(self, *, rows: int, steps: int, seconds: float) -> None:
+        """One engine iteration: ``rows`` denoiser rows advanced ``steps`` samples by one step."""
+        DIFFUSION_CALL_ROWS.labels(self.model, self.version).observe(rows)
+        DIFFUSION_STEPS.labels(self.model, self.version).inc(steps)
+        DIFFUSION_STEP_DURATION.labels(self.model, self.version).observe(seconds)
+
+    def set_load(self, *, in_flight: int, queued: int) -> None:
+        DIFFUSION_SAMPLES_IN_FLIGHT.labels(self.model, self.version).set(in_flight)
+        DIFFUSION_QUEUED_SAMPLES.labels(self.model, self.version).set(queued)
+
+
 # ---------------------------------------------------------------------------- GPU
 GPU_UTILIZATION = Gauge(
     "histosynth_gpu_utilization_ratio",

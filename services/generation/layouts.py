@@ -683,3 +683,11 @@ def layout_from_class_map(tissue: str, class_map: np.ndarray, class_names: Seque
             n_pos, n_neg = counts.get(class_names[pos], 0), counts.get(class_names[neg], 0)
             proportion = n_pos / (n_pos + n_neg) if n_pos + n_neg else 0.0
     return Layout(class_map, instances, achieved, proportion, counts)
+
+
+def layout_from_nuclei_maps(class_map: np.ndarray, instances: np.ndarray, class_names: Sequence[str]) -> Layout:
+    """Wraps a generated nuclei mask (class ids + its own instance ids, e.g. from a diffusion mask generator)."""
+    class_map = np.ascontiguousarray(class_map, dtype=np.uint8)
+    instances = np.ascontiguousarray(instances, dtype=np.uint16)
+    return Layout(class_map, instances, class_fractions_of(class_map, class_names),
+                  nucleus_counts=_count_nuclei(instances, class_map, class_names))

@@ -7,14 +7,27 @@ generated samples and direct Render calls merge into shared batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from services.generation.pipeline import GenerationUnavailableError, RendererInfo
+from services.diffusion.pipeline import DENOISER_KIND, DiffusionOptions
+from services.diffusion.spec import EDGES_CHANNEL, ROLE_IMAGE_RENDERER, ROLE_MASK_GENERATOR
+from services.generation.pipeline import GenerationUnavailableError, MaskGeneratorInfo, RendererInfo
+from services.generation.spec import DiffusionSampling
 from services.mask_refinement.pipeline import RefinementPipeline
 from services.mask_rendering.pipeline import RenderingPipeline
 from services.model_host import ModelRef
+
+
+def diffusion_options(sampling: DiffusionSampling) -> DiffusionOptions:
+    """The spec's sampling fields (0 / "" / None = model default) as the diffusion pipeline's options."""
+    return DiffusionOptions(
+        steps=sampling.steps or None,
+        scheduler=sampling.scheduler or None,
+        guidance_scale=sampling.guidance_scale,
+    )
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,9 @@ class HostedRenderer:
         instances: np.ndarray | None,
         noise_labels: np.ndarray | None,
         deadline: float | None,
+        *,
+        seed: int = 0,
+        diffusion: DiffusionSampling = DiffusionSampling(),
     ) -> np.ndarray:
         result = await self.pipeline.render(
             class_maps,
@@ -35,9 +51,37 @@ class HostedRenderer:
             version=self.info.ref.version,
             instance_maps=instances,
             noise_labels=noise_labels,
+            seed=seed,
             deadline=deadline,
+            diffusion=diffusion_options(diffusion),
         )
         return result.images
+
+
+@dataclass(frozen=True)
+class HostedMaskGenerator:
+    pipeline: RenderingPipeline
+    info: MaskGeneratorInfo
+
+    async def generate(
+        self,
+        types: Sequence[str],
+        seed: int,
+        size: tuple[int, int],
+        diffusion: DiffusionSampling,
+        deadline: float | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        result = await self.pipeline.diffusion.generate_nuclei_masks(
+            model=self.info.ref.name,
+            version=self.info.ref.version,
+            types=tuple(types),
+            count=1,
+            seed=seed,
+            size=size,
+            options=diffusion_options(diffusion),
+            deadline=deadline,
+        )
+        return result.class_maps[0], result.instance_maps[0]
 
 
 @dataclass(frozen=True)
@@ -61,6 +105,16 @@ class HostedModels:
 
     async def renderer(self, name: str, version: str | None) -> HostedRenderer:
         served = await self.rendering.host.get(name, version or None)
+        if served.manifest.kind == DENOISER_KIND:
+            _, engine = await self.rendering.diffusion.served(name, served.manifest.version, ROLE_IMAGE_RENDERER)
+            info = RendererInfo(
+                ref=served.ref,
+                class_names=engine.spec.class_names,
+                noise_spacing=None,  # diffusion starts from seeded Gaussian noise, not a noise label
+                uses_instance_edges=EDGES_CHANNEL in engine.spec.condition_names,
+                stain=str(served.metadata.get("stain", "he")),
+            )
+            return HostedRenderer(self.rendering, info)
         spec = self.rendering.spec(served)
         class_names = spec.class_names or tuple(f"class_{i}" for i in range(spec.num_classes))
         info = RendererInfo(
@@ -71,6 +125,13 @@ class HostedModels:
             stain=str(served.metadata.get("stain", "he")),
         )
         return HostedRenderer(self.rendering, info)
+
+    async def mask_generator(self, name: str, version: str | None) -> HostedMaskGenerator:
+        served, engine = await self.rendering.diffusion.served(name, version or "", ROLE_MASK_GENERATOR)
+        info = MaskGeneratorInfo(
+            ref=served.ref, class_names=engine.spec.class_names, type_names=engine.spec.condition_names[:-1]
+        )
+        return HostedMaskGenerator(self.rendering, info)
 
     async def refiner(self, name: str, version: str | None) -> HostedRefiner:
         if self.refinement is None:

@@ -37,16 +37,20 @@ from services.generation.layouts import (
     generate_layout,
     gland_region_classes,
     layout_from_class_map,
+    layout_from_nuclei_maps,
     region_instances,
 )
 from services.generation.sink import sink_path
 from services.generation.spec import (
     DEFAULT_LIMITS,
+    MASK_GENERATOR_FOR_TISSUE,
     REFINER_MODEL,
     RENDERER_FOR_TISSUE,
+    DiffusionSampling,
     GenerationSpec,
     SamplePlan,
     SpecLimits,
+    StratumSpec,
     derive_seed,
     plan_samples,
     validate_spec,
@@ -90,8 +94,38 @@ class Renderer(Protocol):
         instances: np.ndarray | None,
         noise_labels: np.ndarray | None,
         deadline: float | None,
+        *,
+        seed: int = 0,
+        diffusion: DiffusionSampling = DiffusionSampling(),
     ) -> np.ndarray:
-        """uint8 [N, H, W] class maps (+ uint16 instances, + uint8 noise) -> uint8 [N, H, W, 3] RGB."""
+        """uint8 [N, H, W] class maps (+ uint16 instances, + uint8 noise) -> uint8 [N, H, W, 3] RGB.
+
+        ``seed`` seeds a diffusion renderer's initial noise (sample i: seed + i); GAN renderers get
+        their randomness from ``noise_labels`` and ignore it, as they ignore ``diffusion``.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class MaskGeneratorInfo:
+    ref: ModelRef
+    class_names: tuple[str, ...]
+    type_names: tuple[str, ...]  # what a stratum's nuclei_types may name
+
+
+class MaskGenerator(Protocol):
+    @property
+    def info(self) -> MaskGeneratorInfo: ...
+
+    async def generate(
+        self,
+        types: Sequence[str],
+        seed: int,
+        size: tuple[int, int],
+        diffusion: DiffusionSampling,
+        deadline: float | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One mask with ``types`` present -> (uint8 class map [H, W], instance ids [H, W])."""
         ...
 
 
@@ -110,6 +144,8 @@ class ModelProvider(Protocol):
     async def renderer(self, name: str, version: str | None) -> Renderer: ...
 
     async def refiner(self, name: str, version: str | None) -> Refiner: ...
+
+    async def mask_generator(self, name: str, version: str | None) -> MaskGenerator: ...
 
 
 class ConsistencyScorer(Protocol):
@@ -228,6 +264,23 @@ def layout_scores(layout: Layout, targets: LayoutTargets | None, class_names: Se
 
 
 # -------------------------------------------------------------------------- pipeline
+def _check_mask_generator(spec: GenerationSpec, generator: MaskGeneratorInfo, renderer: RendererInfo) -> None:
+    """The generated class ids must mean what the renderer reads; requested types must exist."""
+    if generator.class_names != renderer.class_names:
+        raise GenerationUnavailableError(
+            f"mask generator {generator.ref.name}/{generator.ref.version} makes classes {list(generator.class_names)} "
+            f"but renderer {renderer.ref.name}/{renderer.ref.version} reads {list(renderer.class_names)}; "
+            "pin versions trained on one label set (model_versions)"
+        )
+    for position, stratum in enumerate(spec.strata):
+        unknown = [t for t in stratum.nuclei_types if t not in generator.type_names]
+        if unknown:
+            raise InvalidInputError(
+                f"spec.strata[{position}] ({stratum.label!r}).nuclei_types: {unknown} unknown; "
+                f"{generator.ref.name} knows {list(generator.type_names)}"
+            )
+
+
 def _non_tissue_class(class_names: Sequence[str]) -> int | None:
     return next((i for i, n in enumerate(class_names) if n.lower() in ("non-tissue", "non_tissue", "air")), None)
 
@@ -241,6 +294,10 @@ class PreparedJob:
     refiner: Refiner | None
     plans: tuple[SamplePlan, ...]
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    mask_generator: MaskGenerator | None = None
+
+    def stratum(self, label: str) -> StratumSpec:
+        return next(s for s in self.spec.effective_strata() if s.label == label)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -304,7 +361,8 @@ class GenerationPipeline:
                 f"spec.tissue: unknown tissue {spec.tissue!r}; valid: {sorted(RENDERER_FOR_TISSUE)}"
             )
         renderer_name = RENDERER_FOR_TISSUE[spec.tissue]
-        known_models = {renderer_name, REFINER_MODEL}
+        generator_name = MASK_GENERATOR_FOR_TISSUE.get(spec.tissue)
+        known_models = {renderer_name, REFINER_MODEL} | ({generator_name} if generator_name else set())
         stray = sorted(set(spec.model_versions) - known_models)
         if stray:
             raise InvalidInputError(
@@ -332,8 +390,13 @@ class GenerationPipeline:
                     "(tissue 'glands' supports it)"
                 )
             refiner = await self._models.refiner(REFINER_MODEL, spec.model_versions.get(REFINER_MODEL))
+        mask_generator = None
+        if generator_name is not None:
+            mask_generator = await self._models.mask_generator(generator_name, spec.model_versions.get(generator_name))
+            _check_mask_generator(spec, mask_generator.info, renderer.info)
         plans = tuple(await asyncio.to_thread(plan_samples, spec, class_names))
-        return PreparedJob(spec=spec, renderer=renderer, refiner=refiner, plans=plans, parameters=spec.parameters())
+        return PreparedJob(spec=spec, renderer=renderer, refiner=refiner, plans=plans, parameters=spec.parameters(),
+                           mask_generator=mask_generator)
 
     async def run(
         self,
@@ -414,10 +477,18 @@ class GenerationPipeline:
             None if instances is None else instances[None],
             None if noise is None else noise[None],
             deadline,
+            seed=derive_seed(seed, "render"),
+            diffusion=spec.diffusion,
         )
         # Scores hold no timings: same spec + seed + models must give byte-identical records.
         scores = layout_scores(layout, targets, info.class_names)
         models = [info.ref] + ([job.refiner.ref] if job.refiner is not None else [])
+        if job.mask_generator is not None:
+            models.append(job.mask_generator.info.ref)
+            # 1 when the mask holds at least one nucleus of a type the stratum asked for, so a client can
+            # check (and count) that the request was honoured.
+            for name in job.stratum(plan.stratum).nuclei_types:
+                scores[f"present/{name}"] = 1.0 if layout.nucleus_counts.get(name, 0) > 0 else 0.0
         parameters = dict(job.parameters)
         parameters["sample"] = {"index": plan.index, "stratum": plan.stratum, "seed": seed}
         provenance = Provenance(
@@ -450,6 +521,12 @@ class GenerationPipeline:
                 layout = await self._refine_regions(job, layout, deadline)
             return layout, None
         targets = plan.targets
+        if job.mask_generator is not None:
+            class_map, instances = await job.mask_generator.generate(
+                job.stratum(plan.stratum).nuclei_types, derive_seed(seed, "mask"), (spec.height, spec.width),
+                spec.diffusion, deadline,
+            )
+            return layout_from_nuclei_maps(class_map, instances, class_names), None
         if job.refiner is None:
             layout = await asyncio.to_thread(
                 generate_layout, spec.tissue, class_names, spec.height, spec.width, targets, derive_seed(seed, "layout")

@@ -22,10 +22,11 @@ from services.core.config import ServerConfig
 from services.core.errors import InvalidInputError
 from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
 from services.core.model_store import ModelStore
+from services.diffusion.pipeline import DiffusionSettings, shared_pipeline
 from services.generation.jobs import JobRecord, JobRegistry, JobState
 from services.generation.models import HostedModels
 from services.generation.pipeline import GeneratedSample, GenerationPipeline
-from services.generation.spec import FractionRange, GenerationSpec, StratumSpec
+from services.generation.spec import DiffusionSampling, FractionRange, GenerationSpec, StratumSpec
 from services.mask_refinement import servicer as refinement_servicer
 from services.mask_refinement.pipeline import RefinementPipeline
 from services.mask_rendering import servicer as rendering_servicer
@@ -62,6 +63,7 @@ def spec_from_request(request: generation_pb2.GenerateRequest) -> GenerationSpec
             class_fraction_ranges={name: _range(r) for name, r in s.class_fraction_ranges.items()},
             positive_proportion=_range(s.positive_proportion) if s.HasField("positive_proportion") else None,
             nuclear_fraction=_range(s.nuclear_fraction) if s.HasField("nuclear_fraction") else None,
+            nuclei_types=tuple(s.nuclei_types),
         )
         for s in message.strata
     )
@@ -91,6 +93,16 @@ def spec_from_request(request: generation_pb2.GenerateRequest) -> GenerationSpec
         coarse_masks=coarse,
         sink_uri=message.sink_uri,
         model_versions=dict(request.model_versions),
+        diffusion=_diffusion_sampling(message),
+    )
+
+
+def _diffusion_sampling(message: generation_pb2.GenerationSpec) -> DiffusionSampling:
+    if not message.HasField("diffusion"):
+        return DiffusionSampling()
+    options = rendering_servicer.diffusion_options(message.diffusion)  # same wire rules as Render
+    return DiffusionSampling(
+        steps=options.steps or 0, scheduler=options.scheduler or "", guidance_scale=options.guidance_scale
     )
 
 
@@ -229,7 +241,10 @@ def create_stack(
     render_host = render_host or rendering_servicer.create_host(config, store)
     refine_host = refine_host or refinement_servicer.create_host(config, store)
     segment_host = segment_host or ModelHost(store, ("segmenter",), HostSettings.from_server_config(config))
-    models = HostedModels(RenderingPipeline(render_host), RefinementPipeline(refine_host))
+    # One diffusion pipeline per host: when the rendering service shares render_host it already made it
+    # (with the same settings), so generated samples and Render calls join the same step-level batches.
+    diffusion = shared_pipeline(render_host, DiffusionSettings.from_server_config(config))
+    models = HostedModels(RenderingPipeline(render_host, diffusion=diffusion), RefinementPipeline(refine_host))
     pipeline = GenerationPipeline(
         models,
         concurrency=concurrency,

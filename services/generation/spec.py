@@ -29,8 +29,13 @@ RENDERER_FOR_TISSUE: Final[Mapping[str, str]] = {
     "nuclei": "renderer-he-nuclei",
     "glands": "renderer-he-glands",
     "ihc": "renderer-ihc",
+    "nuclei-diffusion": "renderer-diffusion-nuclei",
 }
+# Tissues whose layouts come from a diffusion mask generator instead of a procedural layout generator.
+MASK_GENERATOR_FOR_TISSUE: Final[Mapping[str, str]] = {"nuclei-diffusion": "nuclei-mask-generator"}
+TISSUES: Final = tuple(sorted(set(LAYOUT_GENERATORS) | set(MASK_GENERATOR_FOR_TISSUE)))
 REFINER_MODEL: Final = "mask-refiner"
+DIFFUSION_SCHEDULERS: Final = ("ddim", "dpmsolver++")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,16 @@ class StratumSpec:
     class_fraction_ranges: Mapping[str, FractionRange] = field(default_factory=dict)
     positive_proportion: FractionRange | None = None
     nuclear_fraction: FractionRange | None = None
+    nuclei_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiffusionSampling:
+    """Sampling of the diffusion models of a tissue; 0 / "" / None = the model's manifest default."""
+
+    steps: int = 0
+    scheduler: str = ""
+    guidance_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class GenerationSpec:
     coarse_masks: np.ndarray | None = None  # uint8 [N, H, W] class maps
     sink_uri: str = ""
     model_versions: Mapping[str, str] = field(default_factory=dict)
+    diffusion: DiffusionSampling = DiffusionSampling()
 
     def parameters(self) -> dict[str, Any]:
         """JSON-ready parameters echoed into every sample's provenance (masks by digest).
@@ -110,10 +126,14 @@ class GenerationSpec:
                 "nuclear_fraction": None
                 if s.nuclear_fraction is None
                 else [s.nuclear_fraction.low, s.nuclear_fraction.high],
+                **({"nuclei_types": sorted(s.nuclei_types)} if s.nuclei_types else {}),
             }
             for s in self.effective_strata()
         ]
         params["model_versions"] = dict(sorted(self.model_versions.items()))
+        if self.tissue not in MASK_GENERATOR_FOR_TISSUE:
+            # Older records stay byte-identical: only diffusion tissues carry sampling options.
+            params.pop("diffusion")
         if self.coarse_masks is not None:
             digest = hashlib.sha256(np.ascontiguousarray(self.coarse_masks).tobytes())
             params["coarse_masks_sha256"] = digest.hexdigest()
@@ -139,8 +159,9 @@ def validate_spec(
     ``class_names`` (the renderer's) enable the class checks; None skips them, so the checks
     that need no model can run before one is loaded.
     """
-    if spec.tissue not in LAYOUT_GENERATORS:
-        raise InvalidInputError(f"spec.tissue: unknown tissue {spec.tissue!r}; valid: {sorted(LAYOUT_GENERATORS)}")
+    if spec.tissue not in TISSUES:
+        raise InvalidInputError(f"spec.tissue: unknown tissue {spec.tissue!r}; valid: {list(TISSUES)}")
+    _validate_diffusion(spec)
     if not 1 <= spec.count <= limits.max_count:
         raise InvalidInputError(
             f"spec.count: {spec.count} is outside [1, {limits.max_count}]; split larger batches into several jobs"
@@ -176,6 +197,23 @@ def validate_spec(
             )
         if not (math.isfinite(stratum.weight) and stratum.weight > 0):
             raise InvalidInputError(f"{where}.weight: {stratum.weight} must be > 0")
+        if spec.tissue in MASK_GENERATOR_FOR_TISSUE:
+            targeted = [name for name, value in (
+                ("class_fractions", stratum.class_fractions), ("class_fraction_ranges", stratum.class_fraction_ranges),
+                ("positive_proportion", stratum.positive_proportion), ("nuclear_fraction", stratum.nuclear_fraction),
+            ) if value]
+            if targeted:
+                raise InvalidInputError(
+                    f"{where}: {targeted} cannot be targeted for tissue {spec.tissue!r}: its masks come from the "
+                    f"{MASK_GENERATOR_FOR_TISSUE[spec.tissue]} diffusion model; choose nucleus types with nuclei_types"
+                )
+            if len(set(stratum.nuclei_types)) != len(stratum.nuclei_types):
+                raise InvalidInputError(f"{where}.nuclei_types: {list(stratum.nuclei_types)} repeats a type")
+        elif stratum.nuclei_types:
+            raise InvalidInputError(
+                f"{where}.nuclei_types: only for tissues {sorted(MASK_GENERATOR_FOR_TISSUE)} (diffusion mask "
+                f"generator), not {spec.tissue!r}; target areas with class_fractions instead"
+            )
         both = sorted(set(stratum.class_fractions) & set(stratum.class_fraction_ranges))
         if both:
             raise InvalidInputError(
@@ -240,6 +278,33 @@ def validate_spec(
             raise InvalidInputError(
                 f"model_versions[{model!r}]: {version!r} must be a positive integer string like '1'"
             )
+
+
+def _validate_diffusion(spec: GenerationSpec) -> None:
+    sampling = spec.diffusion
+    if spec.tissue not in MASK_GENERATOR_FOR_TISSUE:
+        if sampling != DiffusionSampling():
+            raise InvalidInputError(
+                f"spec.diffusion: tissue {spec.tissue!r} uses no diffusion model; leave it unset or use one of "
+                f"{sorted(MASK_GENERATOR_FOR_TISSUE)}"
+            )
+        return
+    if not 0 <= sampling.steps <= 1000:
+        raise InvalidInputError(f"spec.diffusion.steps: {sampling.steps} must be in 1..1000 (0 = the model's default)")
+    if sampling.scheduler not in ("", *DIFFUSION_SCHEDULERS):
+        raise InvalidInputError(
+            f"spec.diffusion.scheduler: {sampling.scheduler!r} is unknown; valid: {list(DIFFUSION_SCHEDULERS)} "
+            "('' = the model's default)"
+        )
+    if sampling.guidance_scale is not None and not (
+        math.isfinite(sampling.guidance_scale) and 0.0 <= sampling.guidance_scale <= 30.0
+    ):
+        raise InvalidInputError(f"spec.diffusion.guidance_scale: {sampling.guidance_scale} must be in [0, 30]")
+    if spec.noise_spacing or spec.refine:
+        raise InvalidInputError(
+            f"tissue {spec.tissue!r} is rendered by a diffusion model: noise_spacing and refine do not apply; "
+            "leave them unset"
+        )
 
 
 # ------------------------------------------------------------------------------ plan

@@ -13,6 +13,7 @@ import asyncio
 from services.core.config import ServerConfig
 from services.core.grpc_server import serve
 from services.core.logging import configure_logging
+from services.diffusion.pipeline import DiffusionSettings
 from services.mask_rendering.servicer import RenderingSettings, create_host, registrations
 
 
@@ -22,7 +23,8 @@ async def main() -> None:
     configure_logging(config.log_level, config.log_format)
     host = create_host(config)
     await host.start()  # load before serving, so health says SERVING only when models answer
-    await serve(registrations(host, settings), config, shutdown_hooks=[host.stop])
+    diffusion = DiffusionSettings.from_server_config(config)  # HISTOSYNTH_DIFFUSION_*
+    await serve(registrations(host, settings, diffusion), config, shutdown_hooks=[host.stop])
 
 
 if __name__ == "__main__":

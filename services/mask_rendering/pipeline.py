@@ -14,6 +14,10 @@ Per sample, following the renderer's manifest metadata:
      ``size_multiple``); larger fields run as overlapping tiles blended with a raised-cosine
      window (tiling.py); every tile of every sample goes through the model's batcher;
   6. output in ``output_range`` -> uint8 RGB [N, H, W, 3].
+
+Diffusion renderers (kind ``denoiser``, role ``image_renderer``) take the same class maps (+ instance
+maps) but are sampled by services.diffusion (step-level batched engine, ``DiffusionOptions``); noise
+labels do not apply to them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from services.core import mask_ops
 from services.core.errors import InvalidInputError
+from services.diffusion.pipeline import DENOISER_KIND, DiffusionOptions, DiffusionPipeline, shared_pipeline
 from services.mask_refinement.pipeline import check_seed, reflect_pad
 from services.mask_rendering.tiling import Tile, TileBlender, TilePlan
 from services.model_host import ModelHost, ModelRef, ServedModel, required_multiple
@@ -141,7 +146,13 @@ class RenderingPipeline:
     one-piece render and faster. ``tile_overlap`` None = a quarter of the tile.
     """
 
-    def __init__(self, host: ModelHost, tile_overlap: int | None = None, tile_size: int | None = None) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        tile_overlap: int | None = None,
+        tile_size: int | None = None,
+        diffusion: DiffusionPipeline | None = None,
+    ) -> None:
         if tile_overlap is not None and tile_overlap < 0:
             raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
         if tile_size is not None and tile_size < 1:
@@ -149,6 +160,9 @@ class RenderingPipeline:
         self.host = host
         self.tile_overlap = tile_overlap
         self.tile_size = tile_size
+        # Diffusion renderers hosted next to the GAN ones go through their step-batching engines,
+        # shared by every pipeline over this host.
+        self.diffusion = shared_pipeline(host) if diffusion is None else diffusion
 
     def spec(self, served: ServedModel) -> RendererSpec:
         """The model's contract, checked against its declared input (a manifest problem, not the caller's)."""
@@ -180,12 +194,15 @@ class RenderingPipeline:
         seed: int = 0,
         noise_spacing: float = 0.0,
         deadline: float | None = None,
+        diffusion: DiffusionOptions | None = None,
     ) -> RenderResult:
         """Render ``class_masks`` ([N, H, W] or [H, W] class ids) into uint8 RGB [N, H, W, 3].
 
         ``instance_maps`` and ``noise_labels`` are optional [N, H, W] maps of the same shape
         (ignored by models without that channel). Generated noise for sample i uses
-        ``seed + i`` at ``noise_spacing`` px (0 = the model's trained spacing).
+        ``seed + i`` at ``noise_spacing`` px (0 = the model's trained spacing). For a diffusion
+        renderer, ``diffusion`` chooses steps / scheduler / guidance (None = the model's defaults)
+        and sample i's initial noise comes from ``seed + i``.
         """
         if not model:
             raise InvalidInputError(
@@ -205,6 +222,12 @@ class RenderingPipeline:
             raise InvalidInputError(f"noise_spacing must be >= 0 (0 = the model's), got {noise_spacing}")
         check_seed(seed, count)
         served = await self.host.get(model, version or None)
+        if served.manifest.kind == DENOISER_KIND:
+            images, ref = await self.diffusion.render(
+                classes, model=model, version=version, instances=instances, seed=seed,
+                options=diffusion or DiffusionOptions(), deadline=deadline,
+            )
+            return RenderResult(images=images, model=ref, tiles_per_image=1)
         spec = self.spec(served)
         check_class_ids(classes, spec, served.manifest.key)
 

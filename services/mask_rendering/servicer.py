@@ -1,4 +1,5 @@
-"""MaskRendering gRPC service: RenderRequest <-> RenderingPipeline, plus server assembly.
+"""MaskRendering gRPC service: Render (RenderingPipeline, GAN or diffusion renderers) and
+GenerateNucleiMasks (diffusion mask generators), plus server assembly.
 
 Protobuf stops here: tensors are decoded by services.tensor_codec, the pipeline works on
 numpy arrays, and domain errors become gRPC statuses in the core's ServingInterceptor.
@@ -19,6 +20,8 @@ from services.core.errors import InvalidInputError
 from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
 from services.kserve_v2 import KServeV2Servicer, kserve_registration
+from services.diffusion.pipeline import DiffusionOptions, DiffusionSettings, check_options, shared_pipeline
+from services.diffusion.schedulers import DDIM, DPM_SOLVER_PP
 from services.mask_rendering.pipeline import RenderingPipeline, encode_png
 from services.model_host import ModelHost
 from services import servicer_common
@@ -26,7 +29,8 @@ from services.servicer_common import deadline_of, model_ref_to_proto, require_fi
 from services.tensor_codec import array_to_tensor, tensor_to_array
 
 SERVICE_NAME = mask_rendering_pb2.DESCRIPTOR.services_by_name["MaskRendering"].full_name
-MODEL_KINDS = ("renderer",)
+# GAN renderers, and diffusion models (renderers and nuclei-mask generators, told apart by metadata.role).
+MODEL_KINDS = ("renderer", "denoiser")
 LAYOUTS = ("[N, H, W]", "[H, W]")
 CLASS_DTYPES = (np.dtype(np.uint8),)
 INSTANCE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.int64))
@@ -36,6 +40,24 @@ ENCODINGS = {
     mask_rendering_pb2.IMAGE_ENCODING_RAW: "raw",
     mask_rendering_pb2.IMAGE_ENCODING_PNG: "png",
 }
+SCHEDULERS = {
+    mask_rendering_pb2.DIFFUSION_SCHEDULER_UNSPECIFIED: None,
+    mask_rendering_pb2.DIFFUSION_SCHEDULER_DDIM: DDIM,
+    mask_rendering_pb2.DIFFUSION_SCHEDULER_DPM_SOLVER_PP: DPM_SOLVER_PP,
+}
+
+
+def diffusion_options(message: mask_rendering_pb2.DiffusionOptions) -> DiffusionOptions:
+    """Wire options -> DiffusionOptions (0 / unspecified / unset = the model's manifest default)."""
+    if message.scheduler not in SCHEDULERS:
+        raise InvalidInputError(
+            f"diffusion.scheduler: unknown value {message.scheduler}; valid: "
+            f"{[mask_rendering_pb2.DiffusionScheduler.Name(value) for value in SCHEDULERS]}"
+        )
+    steps = int(message.steps) or None
+    guidance = float(message.guidance_scale) if message.HasField("guidance_scale") else None
+    check_options(steps, guidance)
+    return DiffusionOptions(steps=steps, scheduler=SCHEDULERS[message.scheduler], guidance_scale=guidance)
 
 
 class MaskRenderingServicer(mask_rendering_pb2_grpc.MaskRenderingServicer):
@@ -76,6 +98,7 @@ class MaskRenderingServicer(mask_rendering_pb2_grpc.MaskRenderingServicer):
             seed=int(request.seed),
             noise_spacing=float(request.noise_spacing),
             deadline=deadline_of(context),
+            diffusion=diffusion_options(request.diffusion),
         )
         response = mask_rendering_pb2.RenderResponse(model=model_ref_to_proto(result.model))
         if encoding == "png":
@@ -85,6 +108,37 @@ class MaskRenderingServicer(mask_rendering_pb2_grpc.MaskRenderingServicer):
         else:
             response.images.CopyFrom(array_to_tensor(result.images))
         return response
+
+    async def GenerateNucleiMasks(
+        self, request: mask_rendering_pb2.GenerateNucleiMasksRequest, context: grpc.aio.ServicerContext
+    ) -> mask_rendering_pb2.GenerateNucleiMasksResponse:
+        if not request.model:
+            raise InvalidInputError(
+                "model: name a nuclei mask generator (e.g. 'nuclei-mask-generator'); "
+                f"models hosted here: {self.pipeline.host.model_names()}"
+            )
+        if (request.height == 0) != (request.width == 0):
+            raise InvalidInputError(
+                f"height and width: set both or neither (0 = the model's trained size), got "
+                f"{request.height} x {request.width}"
+            )
+        size = (int(request.height), int(request.width)) if request.height else None
+        result = await self.pipeline.diffusion.generate_nuclei_masks(
+            model=request.model,
+            version=request.model_version,
+            types=list(request.types),
+            count=int(request.count) or 1,
+            seed=int(request.seed),
+            size=size,
+            options=diffusion_options(request.diffusion),
+            deadline=deadline_of(context),
+        )
+        return mask_rendering_pb2.GenerateNucleiMasksResponse(
+            class_maps=array_to_tensor(result.class_maps),
+            instance_maps=array_to_tensor(result.instance_maps),
+            model=model_ref_to_proto(result.model),
+            class_names=list(result.class_names),
+        )
 
 
 @dataclass(frozen=True)
@@ -113,10 +167,20 @@ class RenderingSettings:
 SETTINGS_PREFIX = "HISTOSYNTH_RENDER_"
 
 
-def registrations(host: ModelHost, settings: RenderingSettings | None = None) -> list[ServiceRegistration]:
-    """The domain service and the KServe v2 endpoint over the same host (same batchers)."""
+def registrations(
+    host: ModelHost,
+    settings: RenderingSettings | None = None,
+    diffusion: DiffusionSettings | None = None,
+) -> list[ServiceRegistration]:
+    """The domain service and the KServe v2 endpoint over the same host (same batchers).
+
+    ``diffusion``: engine policy of the diffusion models (default: step-level batching on).
+    """
     settings = RenderingSettings() if settings is None else settings
-    pipeline = RenderingPipeline(host, tile_overlap=settings.tile_overlap, tile_size=settings.tile_size)
+    pipeline = RenderingPipeline(
+        host, tile_overlap=settings.tile_overlap, tile_size=settings.tile_size,
+        diffusion=shared_pipeline(host, diffusion),
+    )
     return [
         ServiceRegistration(
             mask_rendering_pb2_grpc.add_MaskRenderingServicer_to_server,
@@ -137,4 +201,5 @@ async def start(
     """Load the renderers and start serving; the host is stopped when the server stops."""
     host = create_host(config, store)
     await host.start()
-    return await servicer_common.start_with_host(host, registrations(host, settings), config)
+    diffusion = DiffusionSettings.from_server_config(config)
+    return await servicer_common.start_with_host(host, registrations(host, settings, diffusion), config)

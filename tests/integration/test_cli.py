@@ -41,7 +41,7 @@ def small_spec(tmp_path: Path, source: str = "ihc-ki67-bins.yaml", size: int = 1
 
 def test_example_specs_parse() -> None:
     tissues = {load_spec(path, None).tissue for path in SPECS_DIR.glob("*.yaml")}
-    assert tissues == {"glands", "ihc", "nuclei"}
+    assert tissues == {"glands", "ihc", "nuclei", "nuclei-diffusion"}
 
 
 def test_generate_writes_valid_files_and_resumes(

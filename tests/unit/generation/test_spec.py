@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from services.core.errors import InvalidInputError
 from services.generation.spec import (
+    DiffusionSampling,
     FractionRange,
     GenerationSpec,
     StratumSpec,
@@ -128,3 +129,37 @@ def test_ihc_proportion_and_class_fractions_exclude_each_other() -> None:
     nuclei = GenerationSpec(count=1, tissue="nuclei", strata=(StratumSpec("x", nuclear_fraction=FractionRange(0.1, 0.9)),))
     with pytest.raises(InvalidInputError, match="above 0.6"):
         validate_spec(nuclei, NUCLEI_CLASSES)
+
+
+_DIFFUSION_SPEC = GenerationSpec(count=2, tissue="nuclei-diffusion", height=64, width=64,
+                                 strata=(StratumSpec("epi", nuclei_types=("epithelial",)),))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (dataclasses.replace(_DIFFUSION_SPEC, strata=(StratumSpec("x", class_fractions={"epithelial": 0.2}),)),
+         "choose nucleus types with nuclei_types"),
+        (dataclasses.replace(_DIFFUSION_SPEC, strata=(StratumSpec("x", nuclei_types=("spindle", "spindle")),)),
+         "repeats a type"),
+        (GenerationSpec(count=1, tissue="nuclei", strata=(StratumSpec("x", nuclei_types=("spindle",)),)),
+         "only for tissues"),
+        (GenerationSpec(count=1, tissue="nuclei", diffusion=DiffusionSampling(steps=10)), "uses no diffusion model"),
+        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(steps=2000)), "1..1000"),
+        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(scheduler="euler")), "unknown"),
+        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(guidance_scale=-1.0)), r"\[0, 30\]"),
+        (dataclasses.replace(_DIFFUSION_SPEC, noise_spacing=15.0), "noise_spacing and refine do not apply"),
+    ],
+)
+def test_diffusion_tissue_specs_are_checked(spec: GenerationSpec, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        validate_spec(spec, None)
+
+
+def test_diffusion_sampling_is_recorded_only_for_diffusion_tissues() -> None:
+    validate_spec(_DIFFUSION_SPEC, None)
+    sampled = dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(steps=12, scheduler="ddim"))
+    assert sampled.parameters()["diffusion"] == {"steps": 12, "scheduler": "ddim", "guidance_scale": None}
+    assert sampled.parameters()["strata"][0]["nuclei_types"] == ["epithelial"]
+    # Procedural tissues keep the records they had before diffusion existed.
+    assert "diffusion" not in GenerationSpec(count=1, tissue="nuclei").parameters()

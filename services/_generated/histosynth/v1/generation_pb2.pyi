@@ -1,4 +1,5 @@
 from services._generated.histosynth.v1 import common_pb2 as _common_pb2
+from services._generated.histosynth.v1 import mask_rendering_pb2 as _mask_rendering_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -32,7 +33,7 @@ class FractionRange(_message.Message):
     def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class Stratum(_message.Message):
-    __slots__ = ("label", "weight", "class_fractions", "class_fraction_ranges", "positive_proportion", "nuclear_fraction")
+    __slots__ = ("label", "weight", "class_fractions", "class_fraction_ranges", "positive_proportion", "nuclear_fraction", "nuclei_types")
     class ClassFractionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,16 +54,18 @@ class Stratum(_message.Message):
     CLASS_FRACTION_RANGES_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_PROPORTION_FIELD_NUMBER: _ClassVar[int]
     NUCLEAR_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NUCLEI_TYPES_FIELD_NUMBER: _ClassVar[int]
     label: str
     weight: float
     class_fractions: _containers.ScalarMap[str, float]
     class_fraction_ranges: _containers.MessageMap[str, FractionRange]
     positive_proportion: FractionRange
     nuclear_fraction: FractionRange
-    def __init__(self, label: _Optional[str] = ..., weight: _Optional[float] = ..., class_fractions: _Optional[_Mapping[str, float]] = ..., class_fraction_ranges: _Optional[_Mapping[str, FractionRange]] = ..., positive_proportion: _Optional[_Union[FractionRange, _Mapping]] = ..., nuclear_fraction: _Optional[_Union[FractionRange, _Mapping]] = ...) -> None: ...
+    nuclei_types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, label: _Optional[str] = ..., weight: _Optional[float] = ..., class_fractions: _Optional[_Mapping[str, float]] = ..., class_fraction_ranges: _Optional[_Mapping[str, FractionRange]] = ..., positive_proportion: _Optional[_Union[FractionRange, _Mapping]] = ..., nuclear_fraction: _Optional[_Union[FractionRange, _Mapping]] = ..., nuclei_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerationSpec(_message.Message):
-    __slots__ = ("count", "tissue", "height", "width", "strata", "tolerance", "seed", "noise_spacing", "refine", "min_consistency", "coarse_masks", "sink_uri")
+    __slots__ = ("count", "tissue", "height", "width", "strata", "tolerance", "seed", "noise_spacing", "refine", "min_consistency", "coarse_masks", "sink_uri", "diffusion")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TISSUE_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +78,7 @@ class GenerationSpec(_message.Message):
     MIN_CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     COARSE_MASKS_FIELD_NUMBER: _ClassVar[int]
     SINK_URI_FIELD_NUMBER: _ClassVar[int]
+    DIFFUSION_FIELD_NUMBER: _ClassVar[int]
     count: int
     tissue: str
     height: int
@@ -87,7 +91,8 @@ class GenerationSpec(_message.Message):
     min_consistency: float
     coarse_masks: _common_pb2.Tensor
     sink_uri: str
-    def __init__(self, count: _Optional[int] = ..., tissue: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., strata: _Optional[_Iterable[_Union[Stratum, _Mapping]]] = ..., tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., noise_spacing: _Optional[float] = ..., refine: _Optional[bool] = ..., min_consistency: _Optional[float] = ..., coarse_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sink_uri: _Optional[str] = ...) -> None: ...
+    diffusion: _mask_rendering_pb2.DiffusionOptions
+    def __init__(self, count: _Optional[int] = ..., tissue: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., strata: _Optional[_Iterable[_Union[Stratum, _Mapping]]] = ..., tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., noise_spacing: _Optional[float] = ..., refine: _Optional[bool] = ..., min_consistency: _Optional[float] = ..., coarse_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sink_uri: _Optional[str] = ..., diffusion: _Optional[_Union[_mask_rendering_pb2.DiffusionOptions, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("spec", "model_versions", "indices")

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class MaskRenderingStub:
-    """Semantic class masks (+ noise label, + instance edges) -> RGB images (pix2pixHD global generator).
+    """Semantic class masks (+ noise label, + instance edges) -> RGB images (pix2pixHD global generator, or a
+    mask-conditioned diffusion renderer), and nuclei masks from a diffusion mask generator.
     """
 
     def __init__(self, channel):
@@ -40,14 +41,28 @@ class MaskRenderingStub:
                 request_serializer=histosynth_dot_v1_dot_mask__rendering__pb2.RenderRequest.SerializeToString,
                 response_deserializer=histosynth_dot_v1_dot_mask__rendering__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.GenerateNucleiMasks = channel.unary_unary(
+                '/histosynth.v1.MaskRendering/GenerateNucleiMasks',
+                request_serializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksRequest.SerializeToString,
+                response_deserializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksResponse.FromString,
+                _registered_method=True)
 
 
 class MaskRenderingServicer:
-    """Semantic class masks (+ noise label, + instance edges) -> RGB images (pix2pixHD global generator).
+    """Semantic class masks (+ noise label, + instance edges) -> RGB images (pix2pixHD global generator, or a
+    mask-conditioned diffusion renderer), and nuclei masks from a diffusion mask generator.
     """
 
     def Render(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateNucleiMasks(self, request, context):
+        """Class + instance maps of nuclei from a diffusion mask generator (manifest role mask_generator); no input
+        mask needed, so a client can generate a mask here and then Render its image.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +75,11 @@ def add_MaskRenderingServicer_to_server(servicer, server):
                     request_deserializer=histosynth_dot_v1_dot_mask__rendering__pb2.RenderRequest.FromString,
                     response_serializer=histosynth_dot_v1_dot_mask__rendering__pb2.RenderResponse.SerializeToString,
             ),
+            'GenerateNucleiMasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateNucleiMasks,
+                    request_deserializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksRequest.FromString,
+                    response_serializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'histosynth.v1.MaskRendering', rpc_method_handlers)
@@ -69,7 +89,8 @@ def add_MaskRenderingServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MaskRendering:
-    """Semantic class masks (+ noise label, + instance edges) -> RGB images (pix2pixHD global generator).
+    """Semantic class masks (+ noise label, + instance edges) -> RGB images (pix2pixHD global generator, or a
+    mask-conditioned diffusion renderer), and nuclei masks from a diffusion mask generator.
     """
 
     @staticmethod
@@ -89,6 +110,33 @@ class MaskRendering:
             '/histosynth.v1.MaskRendering/Render',
             histosynth_dot_v1_dot_mask__rendering__pb2.RenderRequest.SerializeToString,
             histosynth_dot_v1_dot_mask__rendering__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateNucleiMasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/histosynth.v1.MaskRendering/GenerateNucleiMasks',
+            histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksRequest.SerializeToString,
+            histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
