@@ -77,6 +77,12 @@ eval: $(STAMP)
 torchserve-archive: $(STAMP)
 	$(PY) -m training.export.torchserve_archive --out dist/torchserve $(ARCHIVE_FLAGS)
 
+# Diffusion models (#9): export evaluates on held-back CoNSeP crops (FID/KID with our encoder, mask statistics).
+export-renderer-diffusion-nuclei: $(STAMP)
+	$(PY) -m training.export.diffusion_export --run runs/renderer-diffusion-nuclei --data-root $(DATA_ROOT) --every 2 --overwrite $(EXPORT_FLAGS)
+export-nuclei-mask-generator: $(STAMP)
+	$(PY) -m training.export.diffusion_export --run runs/nuclei-mask-generator --renderer-run runs/renderer-diffusion-nuclei --data-root $(DATA_ROOT) --every 2 --overwrite $(EXPORT_FLAGS)
+
 export-patch-generator: $(STAMP)
 	$(PY) -m training.trainers.cgan_trainer export --run runs/patch-generator $(EXPORT_FLAGS)
 

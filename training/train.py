@@ -11,12 +11,14 @@ import yaml
 from training.trainers import get_trainer
 
 SUPERVISED_TRAINERS = ("encoder", "segmenter")
+# Trainers whose config describes one network under `model` (no generator/discriminator pair).
+SINGLE_MODEL_TRAINERS = (*SUPERVISED_TRAINERS, "diffusion")
 
 
 def load_config(path: Path | str) -> dict:
     config = yaml.safe_load(Path(path).read_text())
     # GAN configs describe a generator + discriminator; the supervised scoring models (encoder/segmenter) a `model`.
-    networks = ("model",) if config.get("trainer") in SUPERVISED_TRAINERS else ("generator", "discriminator")
+    networks = ("model",) if config.get("trainer") in SINGLE_MODEL_TRAINERS else ("generator", "discriminator")
     for key in ("name", "kind", "trainer", "data", *networks, "train"):
         if key not in config:
             raise ValueError(f"config {path} misses required key {key!r}")
@@ -38,11 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         config["train"]["num_threads"] = args.threads
     out = args.out or Path("runs") / config["name"]
-    trainer = get_trainer(config["trainer"])(config, out, args.data_root, steps=args.steps,
+    trainer = trainer_class(config["trainer"])(config, out, args.data_root, steps=args.steps,
                                              time_budget_s=args.time_budget)
     state = trainer.fit()
     print(f"{config['name']}: step {state.step}/{trainer.total_steps}, {state.train_seconds:.1f} s of training, "
           f"checkpoint {trainer.checkpoint_path()}")
+
+
+def trainer_class(name: str):
+    """The diffusion trainer is registered here (issue #9); the others come from training.trainers.get_trainer."""
+    if name == "diffusion":
+        from training.trainers.diffusion_trainer import DiffusionTrainer
+
+        return DiffusionTrainer
+    return get_trainer(name)
 
 
 if __name__ == "__main__":
