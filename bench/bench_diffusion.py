@@ -25,17 +25,15 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime
 
+from bench import bench_core
 from services.core.model_store import ModelStore
 from services.core.runtimes.base import RuntimeOptions
 from services.diffusion.engine import DiffusionEngine, SamplingParams
@@ -135,16 +133,10 @@ async def run_clients(
 
 
 def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    """bench_core's machine facts, plus all three load averages (diffusion runs are long)."""
+    info = dict(bench_core.machine_info())
+    info["load_average_at_start"] = [round(value, 2) for value in os.getloadavg()]
+    return info
 
 
 def model_store(args: argparse.Namespace, workdir: Path) -> tuple[Path, str, str]:

@@ -149,15 +149,11 @@ def _f32(value: float | np.floating) -> np.float32:
     return np.float32(value)
 
 
-class DDIMState:
-    """DDIM with eta = 0 (deterministic), diffusers' DDIMScheduler.step semantics."""
+class _TimestepCursor:
+    """Where a request is in its timestep list (shared by every scheduler state)."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int) -> None:
-        schedule.check_steps(steps)
-        self.schedule = schedule
-        self.steps = steps
-        self.timesteps = ddim_timesteps(schedule, steps)
-        self._index = 0
+    timesteps: np.ndarray
+    _index: int
 
     @property
     def done(self) -> bool:
@@ -170,6 +166,17 @@ class DDIMState:
     @property
     def timestep(self) -> int:
         return int(self.timesteps[self._index])
+
+
+class DDIMState(_TimestepCursor):
+    """DDIM with eta = 0 (deterministic), diffusers' DDIMScheduler.step semantics."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int) -> None:
+        schedule.check_steps(steps)
+        self.schedule = schedule
+        self.steps = steps
+        self.timesteps = ddim_timesteps(schedule, steps)
+        self._index = 0
 
     def step(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         schedule = self.schedule
@@ -208,7 +215,7 @@ def ddim_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
     return timesteps.copy()
 
 
-class DPMSolverPPState:
+class DPMSolverPPState(_TimestepCursor):
     """DPM-Solver++ 2M (midpoint), diffusers' DPMSolverMultistepScheduler with its defaults.
 
     First-order (= DDIM) on the first step and on the last step (final sigma 0, so diffusers'
@@ -227,18 +234,6 @@ class DPMSolverPPState:
             self._lambda = (np.log(self._alpha) - np.log(self._sigma)).astype(np.float32)
         self._index = 0
         self._previous_x0: np.ndarray | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._index >= len(self.timesteps)
-
-    @property
-    def steps_done(self) -> int:
-        return self._index
-
-    @property
-    def timestep(self) -> int:
-        return int(self.timesteps[self._index])
 
     def step(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         i, count = self._index, len(self.timesteps)

@@ -24,9 +24,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from services.core import mask_ops
+from services.diffusion.decode import decode_mask_sample
+from services.diffusion.spec import DecodeSpec
 from training.data.augment import paired_augment
 from training.data.shared_layout import Record, Sample, load_sample
 
@@ -46,7 +47,6 @@ CONSEP_PIXEL_SIZE_UM = 0.25
 # Decode rule constants (manifest metadata.decode).
 DECODE_THRESHOLD = 0.0
 DECODE_MIN_INSTANCE_PIXELS = 4
-_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
 
 # ------------------------------------------------------------------------------------------- scale + encodings
@@ -118,32 +118,11 @@ def decode_mask(sample: np.ndarray, threshold: float = DECODE_THRESHOLD,
     sample = np.asarray(sample, dtype=np.float32)
     if sample.ndim != 3 or sample.shape[0] != NUM_CLASSES + 1:
         raise ValueError(f"mask sample must be [{NUM_CLASSES + 1}, H, W], got {sample.shape}")
-    cls = np.argmax(sample[:NUM_CLASSES], axis=0)
-    foreground = cls > 0
-    seeds = foreground & (sample[NUM_CLASSES] < threshold)
-    labels, _ = ndimage.label(seeds, structure=_FOUR_CONNECTED)
-    labels = labels.astype(np.int32)
-    while True:
-        padded = np.pad(labels, 1)
-        neighbour_max = np.maximum.reduce([padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
-        grow = foreground & (labels == 0) & (neighbour_max > 0)
-        if not grow.any():
-            break
-        labels = np.where(grow, neighbour_max, labels)
-    sizes = np.bincount(labels.ravel(), minlength=1)
-    keep = np.flatnonzero(sizes >= min_instance_pixels)
-    keep = keep[keep > 0]
-    renumber = np.zeros(sizes.shape[0], np.int32)
-    renumber[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
-    instances = renumber[labels]
-    class_map = np.zeros(cls.shape, np.uint8)
-    if keep.size:
-        votes = np.zeros((keep.size + 1, NUM_CLASSES), np.int64)
-        np.add.at(votes, (instances.ravel(), cls.ravel()), 1)
-        majority = np.argmax(votes, axis=1).astype(np.uint8)  # first maximum -> smallest class id on ties
-        majority[0] = 0
-        class_map = majority[instances]
-    return class_map, instances
+    # One implementation for training and serving: the rule lives in services.diffusion.decode (which the
+    # rendering service runs), so the exported manifest's `decode` and the model card cannot drift apart.
+    rule = DecodeSpec(class_channels=NUM_CLASSES, boundary_channel=NUM_CLASSES, threshold=float(threshold),
+                      min_instance_pixels=int(min_instance_pixels))
+    return decode_mask_sample(sample, rule)
 
 
 # ------------------------------------------------------------------------------------------- crops
