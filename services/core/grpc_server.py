@@ -55,6 +55,8 @@ HEALTH_SERVICE_NAME: Final = health.SERVICE_NAME
 REFLECTION_SERVICE_NAME: Final = reflection.SERVICE_NAME
 # Served during a drain and kept out of the call metrics (see module docstring).
 INFRASTRUCTURE_SERVICES: Final = frozenset({HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME})
+# After the last handler returns, how long gRPC may take to send the remaining replies before stop().
+RESPONSE_FLUSH_GRACE_S: Final = 1.0
 DRAINING_MESSAGE: Final = "server is shutting down and accepts no new calls; retry on another replica"
 
 ShutdownHook = Callable[[], "Awaitable[None] | None"]
@@ -389,9 +391,13 @@ class RunningServer:
                 "drain grace over, cancelling calls still in flight",
                 extra={"in_flight": self._state.in_flight, "grace_s": grace},
             )
-        # In-flight work is done (or given up on); what remains are long-lived health
-        # watches, which must not hold the shutdown for the rest of the grace period.
-        await self.server.stop(0)
+        # In-flight work is done (or given up on). A handler counts as done when it returns, a moment
+        # before gRPC has sent its response, so stop(0) here could cut off the last replies under load
+        # ("Cancelling all calls"). A short flush grace lets those go out; what else remains are long-lived
+        # health watches, which must not hold the shutdown for the rest of the grace period.
+        remaining = max(0.0, grace - (time.perf_counter() - started))
+        flush = 0.0 if self._state.forced.is_set() else min(RESPONSE_FLUSH_GRACE_S, remaining)
+        await self.server.stop(flush)
         if self.metrics_server is not None:
             self.metrics_server.close()
         for hook in self._shutdown_hooks:
