@@ -41,12 +41,10 @@ import numpy as np
 import scipy.ndimage
 
 from clients.client import HistosynthClient
-from services._generated.histosynth.v1 import scoring_pb2, scoring_pb2_grpc
 from services.all_in_one import BackgroundServers
 from services.core import mask_ops
 from services.core.config import ServerConfig
 from services.core.model_store import ModelManifest, ModelStore
-from services.tensor_codec import array_to_tensor
 from training.data.shared_layout import load_records
 from training.evaluate import HeldBack, Source, held_back, sample_crops
 from training.experiments.report import REPO_ROOT, ExperimentReport, ScoreOptions, ScoringSession, table
@@ -133,24 +131,6 @@ def _test_split(manifest: ModelManifest, data_root: Path, allow_any_split: bool)
 # ------------------------------------------------------------------------------------------ scoring
 
 
-def score_masks(channel: grpc.Channel, real: np.ndarray, synthetic: np.ndarray) -> dict[str, Any]:
-    """ScoreMasks RPC: per-feature KS statistic / p-value and KL(real || synthetic), classes 0 and 1."""
-    response = scoring_pb2_grpc.ScoringStub(channel).ScoreMasks(scoring_pb2.ScoreMasksRequest(
-        real_masks=array_to_tensor(np.ascontiguousarray(real, np.uint8)),
-        synthetic_masks=array_to_tensor(np.ascontiguousarray(synthetic, np.uint8)),
-        class_ids=list(MASK_CLASSES), connectivity=8, kl_bins=20), timeout=600)
-    features = {f.name: {"ks": f.ks_statistic, "ks_p": f.ks_pvalue, "kl": f.kl_divergence,
-                         "real_mean": f.real_mean, "synthetic_mean": f.synthetic_mean} for f in response.features}
-    return {
-        "mean_ks": float(np.mean([f["ks"] for f in features.values()])),
-        "mean_kl": float(np.mean([f["kl"] for f in features.values()])),
-        "features_ks_p_below_0.05": int(sum(f["ks_p"] < 0.05 for f in features.values())),
-        "real_count": int(response.real_count),
-        "synthetic_count": int(response.synthetic_count),
-        "per_feature": features,
-    }
-
-
 def pixel_agreement(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     tissue_p, tissue_r = predicted.astype(bool), reference.astype(bool)
     union = np.logical_or(tissue_p, tissue_r).sum()
@@ -200,22 +180,15 @@ def run(data_root: Path, out: Path, settings: Settings, quick: bool, store: Path
     blobs, sigmas = blob_masks(len(half_b), held.crop, fraction_a, settings.seed + 2)
 
     config = experiment_config(store)
-    with BackgroundServers(config, services=["refinement", "scoring"],
-                           ports={"refinement": 0, "scoring": 0}) as servers:
+    with BackgroundServers(config, services=["refinement"], ports={"refinement": 0}) as servers:
         with HistosynthClient(targets={"refinement": servers.addresses["refinement"]}) as client:
             refined_a, refiner_ref = refine_through_service(client, coarse[half_a], stain)
             ihc = probe_ihc(client)
-        limit = 256 * 1024 * 1024
-        channel = grpc.insecure_channel(servers.addresses["scoring"], options=[
-            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
-        sets = {"real_a": fine[half_a], "refined_a": refined_a, "coarse_a": coarse[half_a], "noise_blobs": blobs}
-        reference = fine[half_b]
-        try:
-            mask_scores = {name: score_masks(channel, reference, masks) for name, masks in sets.items()}
-        finally:
-            channel.close()
+    sets = {"real_a": fine[half_a], "refined_a": refined_a, "coarse_a": coarse[half_a], "noise_blobs": blobs}
+    reference = fine[half_b]
     options = ScoreOptions(seed=settings.seed, fid_bootstrap=settings.fid_bootstrap)
     with ScoringSession(store, config) as scorer:
+        mask_scores = {name: scorer.score_masks(reference, masks, MASK_CLASSES) for name, masks in sets.items()}
         image_scores = {name: scorer.score(as_mask_images(reference), as_mask_images(masks), options)
                         for name, masks in sets.items()}
 
