@@ -37,7 +37,8 @@ from services._generated.histosynth.v1 import (
     mask_rendering_pb2,
     mask_rendering_pb2_grpc,
 )
-from services.generation.spec import DiffusionSampling, FractionRange, GenerationSpec, StratumSpec
+from services.diffusion.pipeline import DiffusionOptions
+from services.generation.spec import FractionRange, GenerationSpec, StratumSpec
 
 SERVICES = ("refinement", "rendering", "generation")
 JOB_STATES = {
@@ -144,12 +145,6 @@ _STRATUM_KEYS = {
     "nuclei_types",
 }
 _DIFFUSION_KEYS = {"steps", "scheduler", "guidance_scale"}
-# Spec scheduler names <-> the wire enum of histosynth.v1.DiffusionOptions.
-_SCHEDULER_ENUM = {
-    "": mask_rendering_pb2.DIFFUSION_SCHEDULER_UNSPECIFIED,
-    "ddim": mask_rendering_pb2.DIFFUSION_SCHEDULER_DDIM,
-    "dpmsolver++": mask_rendering_pb2.DIFFUSION_SCHEDULER_DPM_SOLVER_PP,
-}
 
 
 def _range_from(value: Any, where: str) -> FractionRange:
@@ -211,16 +206,20 @@ def spec_from_dict(data: Mapping[str, Any], count: int | None = None) -> Generat
     )
 
 
-def _diffusion_from(raw: Mapping[str, Any]) -> DiffusionSampling:
+def _diffusion_from(raw: Mapping[str, Any]) -> DiffusionOptions:
+    """A spec's ``diffusion`` block; missing keys = the model's manifest default."""
     unknown = sorted(set(raw) - _DIFFUSION_KEYS)
     if unknown:
         raise ValueError(f"diffusion: unknown key(s) {unknown}; valid: {sorted(_DIFFUSION_KEYS)}")
-    scheduler = str(raw.get("scheduler", ""))
-    if scheduler not in _SCHEDULER_ENUM:
-        raise ValueError(f"diffusion.scheduler: {scheduler!r} is unknown; valid: {[k for k in _SCHEDULER_ENUM if k]}")
+    scheduler = None if raw.get("scheduler") is None else str(raw["scheduler"])
+    if scheduler not in _DIFFUSION_SCHEDULERS:
+        valid = [name for name in _DIFFUSION_SCHEDULERS if name]
+        raise ValueError(f"diffusion.scheduler: {scheduler!r} is unknown; valid: {valid}")
     guidance = raw.get("guidance_scale")
-    return DiffusionSampling(
-        steps=int(raw.get("steps", 0)), scheduler=scheduler, guidance_scale=None if guidance is None else float(guidance)
+    return DiffusionOptions(
+        steps=int(raw.get("steps") or 0) or None,  # 0, like the wire's 0, = the model's default
+        scheduler=scheduler,
+        guidance_scale=None if guidance is None else float(guidance),
     )
 
 
@@ -251,12 +250,9 @@ def request_from_spec(spec: GenerationSpec, indices: Sequence[int] | None = None
         if stratum.nuclear_fraction is not None:
             entry.nuclear_fraction.CopyFrom(_range_proto(stratum.nuclear_fraction))
         entry.nuclei_types.extend(stratum.nuclei_types)
-    if spec.diffusion != DiffusionSampling():
+    if spec.diffusion != DiffusionOptions():
         sampling = spec.diffusion
-        message.diffusion.steps = sampling.steps
-        message.diffusion.scheduler = _SCHEDULER_ENUM[sampling.scheduler]
-        if sampling.guidance_scale is not None:
-            message.diffusion.guidance_scale = sampling.guidance_scale
+        message.diffusion.CopyFrom(diffusion_options(sampling.steps, sampling.scheduler, sampling.guidance_scale))
     if spec.coarse_masks is not None:
         message.coarse_masks.CopyFrom(tensor_codec.array_to_tensor(np.asarray(spec.coarse_masks, np.uint8)))
     return generation_pb2.GenerateRequest(

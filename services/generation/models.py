@@ -15,19 +15,9 @@ import numpy as np
 from services.diffusion.pipeline import DENOISER_KIND, DiffusionOptions
 from services.diffusion.spec import EDGES_CHANNEL, ROLE_IMAGE_RENDERER, ROLE_MASK_GENERATOR
 from services.generation.pipeline import GenerationUnavailableError, MaskGeneratorInfo, RendererInfo
-from services.generation.spec import DiffusionSampling
 from services.mask_refinement.pipeline import RefinementPipeline
 from services.mask_rendering.pipeline import RenderingPipeline
 from services.model_host import ModelRef
-
-
-def diffusion_options(sampling: DiffusionSampling) -> DiffusionOptions:
-    """The spec's sampling fields (0 / "" / None = model default) as the diffusion pipeline's options."""
-    return DiffusionOptions(
-        steps=sampling.steps or None,
-        scheduler=sampling.scheduler or None,
-        guidance_scale=sampling.guidance_scale,
-    )
 
 
 @dataclass(frozen=True)
@@ -43,7 +33,7 @@ class HostedRenderer:
         deadline: float | None,
         *,
         seed: int = 0,
-        diffusion: DiffusionSampling = DiffusionSampling(),
+        diffusion: DiffusionOptions = DiffusionOptions(),
     ) -> np.ndarray:
         result = await self.pipeline.render(
             class_maps,
@@ -53,7 +43,7 @@ class HostedRenderer:
             noise_labels=noise_labels,
             seed=seed,
             deadline=deadline,
-            diffusion=diffusion_options(diffusion),
+            diffusion=diffusion,
         )
         return result.images
 
@@ -68,7 +58,7 @@ class HostedMaskGenerator:
         types: Sequence[str],
         seed: int,
         size: tuple[int, int],
-        diffusion: DiffusionSampling,
+        diffusion: DiffusionOptions,
         deadline: float | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         result = await self.pipeline.diffusion.generate_nuclei_masks(
@@ -78,7 +68,7 @@ class HostedMaskGenerator:
             count=1,
             seed=seed,
             size=size,
-            options=diffusion_options(diffusion),
+            options=diffusion,
             deadline=deadline,
         )
         return result.class_maps[0], result.instance_maps[0]

@@ -40,13 +40,13 @@ from services.generation.layouts import (
     layout_from_nuclei_maps,
     region_instances,
 )
+from services.diffusion.pipeline import DiffusionOptions
 from services.generation.sink import sink_path
 from services.generation.spec import (
     DEFAULT_LIMITS,
     MASK_GENERATOR_FOR_TISSUE,
     REFINER_MODEL,
     RENDERER_FOR_TISSUE,
-    DiffusionSampling,
     GenerationSpec,
     SamplePlan,
     SpecLimits,
@@ -96,7 +96,7 @@ class Renderer(Protocol):
         deadline: float | None,
         *,
         seed: int = 0,
-        diffusion: DiffusionSampling = DiffusionSampling(),
+        diffusion: DiffusionOptions = DiffusionOptions(),
     ) -> np.ndarray:
         """uint8 [N, H, W] class maps (+ uint16 instances, + uint8 noise) -> uint8 [N, H, W, 3] RGB.
 
@@ -122,7 +122,7 @@ class MaskGenerator(Protocol):
         types: Sequence[str],
         seed: int,
         size: tuple[int, int],
-        diffusion: DiffusionSampling,
+        diffusion: DiffusionOptions,
         deadline: float | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One mask with ``types`` present -> (uint8 class map [H, W], instance ids [H, W])."""

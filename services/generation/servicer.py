@@ -22,11 +22,11 @@ from services.core.config import ServerConfig
 from services.core.errors import InvalidInputError
 from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
 from services.core.model_store import ModelStore
-from services.diffusion.pipeline import DiffusionSettings, shared_pipeline
+from services.diffusion.pipeline import DiffusionOptions, DiffusionSettings, shared_pipeline
 from services.generation.jobs import JobRecord, JobRegistry, JobState
 from services.generation.models import HostedModels
 from services.generation.pipeline import GeneratedSample, GenerationPipeline
-from services.generation.spec import DiffusionSampling, FractionRange, GenerationSpec, StratumSpec
+from services.generation.spec import FractionRange, GenerationSpec, StratumSpec
 from services.mask_refinement import servicer as refinement_servicer
 from services.mask_refinement.pipeline import RefinementPipeline
 from services.mask_rendering import servicer as rendering_servicer
@@ -93,16 +93,9 @@ def spec_from_request(request: generation_pb2.GenerateRequest) -> GenerationSpec
         coarse_masks=coarse,
         sink_uri=message.sink_uri,
         model_versions=dict(request.model_versions),
-        diffusion=_diffusion_sampling(message),
-    )
-
-
-def _diffusion_sampling(message: generation_pb2.GenerationSpec) -> DiffusionSampling:
-    if not message.HasField("diffusion"):
-        return DiffusionSampling()
-    options = rendering_servicer.diffusion_options(message.diffusion)  # same wire rules as Render
-    return DiffusionSampling(
-        steps=options.steps or 0, scheduler=options.scheduler or "", guidance_scale=options.guidance_scale
+        # Same wire rules as Render's diffusion options.
+        diffusion=rendering_servicer.diffusion_options(message.diffusion)
+        if message.HasField("diffusion") else DiffusionOptions(),
     )
 
 

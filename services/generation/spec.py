@@ -22,6 +22,8 @@ from typing import Any, Final
 import numpy as np
 
 from services.core.errors import InvalidInputError
+from services.diffusion.pipeline import DiffusionOptions
+from services.diffusion.schedulers import SCHEDULERS
 from services.generation.layouts import LAYOUT_GENERATORS, LayoutTargets
 
 # Tissue -> renderer model that paints it (model_store names).
@@ -35,7 +37,6 @@ RENDERER_FOR_TISSUE: Final[Mapping[str, str]] = {
 MASK_GENERATOR_FOR_TISSUE: Final[Mapping[str, str]] = {"nuclei-diffusion": "nuclei-mask-generator"}
 TISSUES: Final = tuple(sorted(set(LAYOUT_GENERATORS) | set(MASK_GENERATOR_FOR_TISSUE)))
 REFINER_MODEL: Final = "mask-refiner"
-DIFFUSION_SCHEDULERS: Final = ("ddim", "dpmsolver++")
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,6 @@ class StratumSpec:
 
 
 @dataclass(frozen=True)
-class DiffusionSampling:
-    """Sampling of the diffusion models of a tissue; 0 / "" / None = the model's manifest default."""
-
-    steps: int = 0
-    scheduler: str = ""
-    guidance_scale: float | None = None
-
-
-@dataclass(frozen=True)
 class GenerationSpec:
     """What to generate. Field meanings as in generation.proto."""
 
@@ -102,7 +94,8 @@ class GenerationSpec:
     coarse_masks: np.ndarray | None = None  # uint8 [N, H, W] class maps
     sink_uri: str = ""
     model_versions: Mapping[str, str] = field(default_factory=dict)
-    diffusion: DiffusionSampling = DiffusionSampling()
+    # Sampling of the tissue's diffusion models; None fields = the model's manifest default.
+    diffusion: DiffusionOptions = DiffusionOptions()
 
     def parameters(self) -> dict[str, Any]:
         """JSON-ready parameters echoed into every sample's provenance (masks by digest).
@@ -283,18 +276,18 @@ def validate_spec(
 def _validate_diffusion(spec: GenerationSpec) -> None:
     sampling = spec.diffusion
     if spec.tissue not in MASK_GENERATOR_FOR_TISSUE:
-        if sampling != DiffusionSampling():
+        if sampling != DiffusionOptions():
             raise InvalidInputError(
                 f"spec.diffusion: tissue {spec.tissue!r} uses no diffusion model; leave it unset or use one of "
                 f"{sorted(MASK_GENERATOR_FOR_TISSUE)}"
             )
         return
-    if not 0 <= sampling.steps <= 1000:
-        raise InvalidInputError(f"spec.diffusion.steps: {sampling.steps} must be in 1..1000 (0 = the model's default)")
-    if sampling.scheduler not in ("", *DIFFUSION_SCHEDULERS):
+    if sampling.steps is not None and not 1 <= sampling.steps <= 1000:
+        raise InvalidInputError(f"spec.diffusion.steps: {sampling.steps} must be in 1..1000 (unset = the model's default)")
+    if sampling.scheduler is not None and sampling.scheduler not in SCHEDULERS:
         raise InvalidInputError(
-            f"spec.diffusion.scheduler: {sampling.scheduler!r} is unknown; valid: {list(DIFFUSION_SCHEDULERS)} "
-            "('' = the model's default)"
+            f"spec.diffusion.scheduler: {sampling.scheduler!r} is unknown; valid: {list(SCHEDULERS)} "
+            "(unset = the model's default)"
         )
     if sampling.guidance_scale is not None and not (
         math.isfinite(sampling.guidance_scale) and 0.0 <= sampling.guidance_scale <= 30.0

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from services.core.errors import InvalidInputError
 from services.generation.spec import (
-    DiffusionSampling,
     FractionRange,
     GenerationSpec,
     StratumSpec,
@@ -21,6 +20,7 @@ from services.generation.spec import (
     stratum_sequence,
     validate_spec,
 )
+from services.diffusion.pipeline import DiffusionOptions
 from tests.fixtures.generation_models import GLAND_CLASSES, IHC_CLASSES, NUCLEI_CLASSES
 
 
@@ -144,10 +144,10 @@ _DIFFUSION_SPEC = GenerationSpec(count=2, tissue="nuclei-diffusion", height=64, 
          "repeats a type"),
         (GenerationSpec(count=1, tissue="nuclei", strata=(StratumSpec("x", nuclei_types=("spindle",)),)),
          "only for tissues"),
-        (GenerationSpec(count=1, tissue="nuclei", diffusion=DiffusionSampling(steps=10)), "uses no diffusion model"),
-        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(steps=2000)), "1..1000"),
-        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(scheduler="euler")), "unknown"),
-        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(guidance_scale=-1.0)), r"\[0, 30\]"),
+        (GenerationSpec(count=1, tissue="nuclei", diffusion=DiffusionOptions(steps=10)), "uses no diffusion model"),
+        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionOptions(steps=2000)), "1..1000"),
+        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionOptions(scheduler="euler")), "unknown"),
+        (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionOptions(guidance_scale=-1.0)), r"\[0, 30\]"),
         (dataclasses.replace(_DIFFUSION_SPEC, noise_spacing=15.0), "noise_spacing and refine do not apply"),
     ],
 )
@@ -158,7 +158,7 @@ def test_diffusion_tissue_specs_are_checked(spec: GenerationSpec, message: str) 
 
 def test_diffusion_sampling_is_recorded_only_for_diffusion_tissues() -> None:
     validate_spec(_DIFFUSION_SPEC, None)
-    sampled = dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionSampling(steps=12, scheduler="ddim"))
+    sampled = dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionOptions(steps=12, scheduler="ddim"))
     assert sampled.parameters()["diffusion"] == {"steps": 12, "scheduler": "ddim", "guidance_scale": None}
     assert sampled.parameters()["strata"][0]["nuclei_types"] == ["epithelial"]
     # Procedural tissues keep the records they had before diffusion existed.
