@@ -147,3 +147,16 @@ class UnavailableError(HistosynthError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+
+
+# A caller-supplied value echoed into a message is cut to this many characters: a 100 KB job id or
+# model name must not turn a NOT_FOUND into a status-details-too-large failure (or fill the logs).
+ECHO_LIMIT: Final = 64
+
+
+def clip(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with the full length noted."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -37,6 +37,7 @@ import inspect
 import logging
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -58,6 +59,8 @@ INFRASTRUCTURE_SERVICES: Final = frozenset({HEALTH_SERVICE_NAME, REFLECTION_SERV
 # After the last handler returns, how long gRPC may take to send the remaining replies before stop().
 RESPONSE_FLUSH_GRACE_S: Final = 1.0
 DRAINING_MESSAGE: Final = "server is shutting down and accepts no new calls; retry on another replica"
+# Status details are bounded: a message that echoes a huge input must not itself fail the reply.
+MAX_STATUS_DETAILS_CHARS: Final = 2000
 
 ShutdownHook = Callable[[], "Awaitable[None] | None"]
 
@@ -259,37 +262,67 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             code = _code_of(context, grpc.StatusCode.OK)
         except HistosynthError as error:
             code = status_code_for(error)
-            level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-            _log.log(
-                level,
+            if code == grpc.StatusCode.INTERNAL:
+                log_id = _new_log_id()
+                _log.error(
+                    "call failed [log id %s]: %s",
+                    log_id,
+                    error.message,
+                    exc_info=error.__cause__ is not None,
+                    extra={"service": service, "method": method, "code": code.name,
+                           "reason": error.reason, "peer": context.peer(), "log_id": log_id},
+                )
+                await context.abort(code, internal_error_message(service, method, log_id))
+            _log.info(
                 "call failed: %s",
-                error.message,
+                bounded_details(error.message),
                 extra={"service": service, "method": method, "code": code.name,
                        "reason": error.reason, "peer": context.peer()},
             )
-            await context.abort(code, error.message)
+            await context.abort(code, bounded_details(error.message))
         except grpc.aio.AbortError:  # the handler aborted with a status of its own choosing
             code = _code_of(context, grpc.StatusCode.UNKNOWN)
             raise
         except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as error:
+        except Exception:
             code = grpc.StatusCode.INTERNAL
+            log_id = _new_log_id()
             _log.exception(
-                "unexpected error in %s/%s",
+                "unexpected error in %s/%s [log id %s]",
                 service,
                 method,
-                extra={"service": service, "method": method, "code": code.name, "peer": context.peer()},
+                log_id,
+                extra={"service": service, "method": method, "code": code.name, "peer": context.peer(),
+                       "log_id": log_id},
             )
-            await context.abort(
-                code, f"internal error in {service}/{method}: {type(error).__name__}: {error}"
-            )
+            # Exception text can hold paths, library internals or other callers' data: it stays in the log.
+            await context.abort(code, internal_error_message(service, method, log_id))
         finally:
             inflight_gauge.dec()
             self._state.leave()
             metrics.GRPC_REQUEST_DURATION.labels(service, method).observe(time.perf_counter() - started)
             metrics.GRPC_REQUESTS.labels(service, method, code.name).inc()
+
+
+def _new_log_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def internal_error_message(service: str, method: str, log_id: str) -> str:
+    """What a remote caller learns about an internal error: where, and the id that finds it in the log."""
+    return (
+        f"internal error in {service}/{method} (log id {log_id}); retrying may succeed, and if it keeps "
+        "failing report the log id to the server's operators"
+    )
+
+
+def bounded_details(message: str, limit: int = MAX_STATUS_DETAILS_CHARS) -> str:
+    """``message`` cut to ``limit`` characters, saying so."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... (message cut at {limit} of {len(message)} characters)"
 
 
 class RunningServer:

@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +105,41 @@ def load_tls_material(config: ServerConfig) -> TlsMaterial | None:
         return None
     certificate = _read_pem("tls_cert", config.tls_cert, "CERTIFICATE", "server certificate chain")
     key = _read_pem("tls_key", config.tls_key, "PRIVATE KEY", "server private key")
+    check_key_matches_certificate(config.tls_cert, config.tls_key)
     client_ca = None
     if config.tls_client_ca is not None:
         client_ca = _read_pem("tls_client_ca", config.tls_client_ca, "CERTIFICATE", "client CA bundle")
     return TlsMaterial(certificate, key, client_ca, config.tls_require_client_cert)
+
+
+def check_key_matches_certificate(cert_path: Path, key_path: Path) -> None:
+    """ConfigError when the key cannot be used with the certificate (a mismatched pair, an encrypted key).
+
+    gRPC itself only reports such a pair as a failure to add the port ("cannot bind"), which sends
+    operators looking for a port conflict; OpenSSL (the stdlib ssl module) names the real problem.
+    """
+    cert_variable, key_variable = env_name(ENV_PREFIX, "tls_cert"), env_name(ENV_PREFIX, "tls_key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def no_password() -> bytes:  # never prompt on a terminal for an encrypted key
+        raise ConfigError(
+            f"{key_variable}={str(key_path)!r}: the private key is encrypted; gRPC needs an unencrypted key "
+            "(decrypt it with openssl and keep the file readable by the server user only)"
+        )
+
+    try:
+        context.load_cert_chain(str(cert_path), str(key_path), password=no_password)
+    except ssl.SSLError as error:
+        reason = (error.reason or str(error)).upper()
+        if "MISMATCH" in reason:
+            raise ConfigError(
+                f"{key_variable}={str(key_path)!r} is not the private key of the certificate in "
+                f"{cert_variable}={str(cert_path)!r} (key values mismatch); point both at the same pair"
+            ) from None
+        raise ConfigError(
+            f"{cert_variable}={str(cert_path)!r} / {key_variable}={str(key_path)!r}: OpenSSL cannot use this "
+            f"certificate and key ({error.reason or error}); check that the key belongs to the certificate"
+        ) from None
 
 
 def read_token_file(path: Path, field_name: str = "auth_token_file") -> str:
@@ -244,30 +276,31 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         problem = self.accepts(handler_call_details.invocation_metadata)
         if problem is None:
             return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: UNIMPLEMENTED as usual
-            return None
+        # Unknown methods are refused the same way: answering UNIMPLEMENTED before the token check
+        # would let an anonymous caller enumerate the API. (The lookup only keeps made-up method
+        # names out of the metric labels.)
+        if await continuation(handler_call_details) is None:
+            service, method = "unknown", "unknown"
         metrics.GRPC_REQUESTS.labels(service, method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
-        return _refusing_handler(handler, problem, service, method)
+        return _refusing_handler(problem, service, method)
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, message: str, service: str, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED unread."""
+def _refusing_handler(message: str, service: str, method: str) -> grpc.RpcMethodHandler:
+    """A handler that aborts with UNAUTHENTICATED without reading the request.
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    It is registered as stream-stream: on the wire every gRPC call is a stream, so it answers
+    unary and streaming calls (and methods that do not exist) alike, and no request bytes of an
+    unauthenticated caller are ever parsed.
+    """
+
+    async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         _log.warning(
             "refused unauthenticated call to %s/%s",
-            service,
-            method,
-            extra={"service": service, "method": method, "code": "UNAUTHENTICATED", "peer": context.peer()},
+            service[:200],
+            method[:200],
+            extra={"service": service[:200], "method": method[:200], "code": "UNAUTHENTICATED",
+                   "peer": context.peer()},
         )
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    # No request deserializer: an unauthenticated caller's bytes are never parsed.
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse)
     return grpc.stream_stream_rpc_method_handler(refuse)

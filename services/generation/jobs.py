@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 
-from services.core.errors import HistosynthError
+from services.core.errors import HistosynthError, clip
 from services.generation.pipeline import GeneratedSample, GenerationPipeline, JobCounters, PreparedJob
 from services.generation.sink import SampleWriter, sink_path
 
@@ -104,7 +104,7 @@ class JobRegistry:
         record = self._jobs.get(job_id)
         if record is None:
             raise JobNotFoundError(
-                f"job {job_id!r} is unknown: it never existed here or was forgotten after finishing "
+                f"job {clip(job_id)} is unknown: it never existed here or was forgotten after finishing "
                 f"(this server keeps the last {self.max_jobs} jobs, in memory only)"
             )
         return record
@@ -143,12 +143,15 @@ class JobRegistry:
         deadline: float | None = None,
     ) -> AsyncIterator[GeneratedSample]:
         """Run the job, write its sink, keep ``record`` current; yields every sample."""
-        writer = None
-        if prepared.spec.sink_uri:
-            writer = await asyncio.to_thread(SampleWriter, sink_path(prepared.spec.sink_uri))
-        record.state = JobState.RUNNING
-        samples = self.pipeline.run(prepared, indices=indices, deadline=deadline, counters=record.counters)
+        samples = None
         try:
+            # Inside the try: a sink that cannot be created (name too long, disk full, permissions) must
+            # fail the job, never leave it QUEUED forever holding one of the registry's slots.
+            writer = None
+            if prepared.spec.sink_uri:
+                writer = await asyncio.to_thread(SampleWriter, sink_path(prepared.spec.sink_uri))
+            record.state = JobState.RUNNING
+            samples = self.pipeline.run(prepared, indices=indices, deadline=deadline, counters=record.counters)
             async for sample in _until(record.cancel_requested, samples):
                 if writer is not None:
                     await _write_through_cancel(writer, sample, record)
@@ -164,12 +167,20 @@ class JobRegistry:
         except HistosynthError as error:
             record.finish(JobState.FAILED, error.message)
             raise
+        except OSError as error:
+            _log.exception("job %s failed", record.job_id)
+            record.finish(JobState.FAILED, f"the sink could not be written ({error.strerror or type(error).__name__})")
+            raise
         except Exception as error:
             _log.exception("job %s failed", record.job_id)
-            record.finish(JobState.FAILED, f"{type(error).__name__}: {error}")
+            record.finish(JobState.FAILED, f"internal error ({type(error).__name__}); see the server log for job {record.job_id}")
+            raise
+        except BaseException:
+            record.finish(JobState.CANCELLED, "stopped")
             raise
         finally:
-            await samples.aclose()
+            if samples is not None:
+                await samples.aclose()
 
     async def close(self) -> None:
         """Cancel every unfinished job (server shutdown)."""
@@ -204,6 +215,7 @@ async def _until(stop: asyncio.Event, samples: AsyncIterator[GeneratedSample]) -
     """
     iterator = aiter(samples)
     stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(iterator))
@@ -219,6 +231,11 @@ async def _until(stop: asyncio.Event, samples: AsyncIterator[GeneratedSample]) -
             yield sample
     finally:
         stopped.cancel()
+        # Cancelled while waiting (client gone, deadline): end the pending anext() before the caller
+        # closes ``samples``, else aclose() finds the generator still running.
+        if following is not None and not following.done():
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
 
 
 def sample_record(sample: GeneratedSample) -> dict:

@@ -25,13 +25,16 @@ from urllib.parse import urlparse
 import cv2
 import numpy as np
 
-from services.core.errors import InvalidInputError
+from services.core.errors import InvalidInputError, clip
 
 _FINISHED: Final = re.compile(r"^(\d{6,})\.json$")
 INDEX_DIGITS: Final = 6
 
 
 SINK_ROOT_ENV: Final = "HISTOSYNTH_SINK_ROOT"
+# Below POSIX NAME_MAX (255 bytes) with room for the temporary-file prefix, and a bound on the whole path.
+MAX_SINK_COMPONENT_BYTES: Final = 200
+MAX_SINK_URI_CHARS: Final = 1024
 
 
 def default_sink_root() -> Path:
@@ -54,28 +57,54 @@ def sink_path(uri: str, root: Path | None = None) -> Path:
     resolved = (base / path).resolve()  # an absolute `path` replaces `base` here
     if not resolved.is_relative_to(base):
         raise InvalidInputError(
-            f"sink_uri: {uri!r} lies outside this server's sink root {str(base)!r}; send a path below it "
+            f"sink_uri: {clip(uri)} lies outside this server's sink root {str(base)!r}; send a path below it "
             f"(relative paths are taken below it; operators set it with {SINK_ROOT_ENV})"
         )
     return resolved
 
 
 def _local_path(uri: str) -> Path:
+    if len(uri) > MAX_SINK_URI_CHARS:
+        raise InvalidInputError(
+            f"sink_uri: {len(uri)} characters, more than the limit of {MAX_SINK_URI_CHARS}; use a shorter path"
+        )
     if "\x00" in uri:
         raise InvalidInputError("sink_uri: contains a NUL byte; send a plain local path or file:// URI")
+    if any(not char.isprintable() for char in uri):
+        raise InvalidInputError(
+            "sink_uri: contains control characters (newline, tab, ...); send a plain local path or file:// URI"
+        )
     try:
         parsed = urlparse(uri)
     except ValueError as error:  # e.g. "Invalid IPv6 URL" for an unclosed '['
         raise InvalidInputError(
-            f"sink_uri: {uri!r} is not a valid URI ({error}); use a local path or file:// URI"
+            f"sink_uri: {clip(uri)} is not a valid URI ({error}); use a local path or file:// URI"
         ) from None
     if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme == "file" else uri)
-        if not str(path):
-            raise InvalidInputError("sink_uri: empty path")
-        return path
+        text = parsed.path if parsed.scheme == "file" else uri
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise InvalidInputError(
+                f"sink_uri: file:// URI names host {clip(parsed.netloc)}; only local paths (file:///path) are supported"
+            )
+        parts = [part for part in text.split("/") if part]
+        if not parts:
+            raise InvalidInputError(
+                f"sink_uri: {clip(uri)} names no directory (the sink root itself is not a sink); "
+                "send a directory name such as 'run-1'"
+            )
+        for part in parts:
+            if part in (".", ".."):
+                raise InvalidInputError(
+                    f"sink_uri: {clip(uri)} has a {part!r} path component; name the directory directly"
+                )
+            if len(part.encode("utf-8", "surrogateescape")) > MAX_SINK_COMPONENT_BYTES:
+                raise InvalidInputError(
+                    f"sink_uri: path component {clip(part)} is longer than {MAX_SINK_COMPONENT_BYTES} bytes; "
+                    "use shorter directory names"
+                )
+        return Path(text)
     raise InvalidInputError(
-        f"sink_uri: scheme {parsed.scheme!r} is not supported by this server; use a local path or file:// URI"
+        f"sink_uri: scheme {clip(parsed.scheme)} is not supported by this server; use a local path or file:// URI"
     )
 
 

@@ -523,3 +523,33 @@ async def test_open_channel_adds_the_token_to_streaming_calls_too(token_file: Pa
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await running.stop(grace=0)
+
+
+# ------------------------------------------------------------- issue 14 regressions
+async def test_tls_key_of_another_certificate_is_named_as_a_mismatch(pki: Pki) -> None:
+    with pytest.raises(ConfigError, match="HISTOSYNTH_TLS_KEY=.*is not the private key of the certificate") as caught:
+        await _start(tls_cert=pki.server_cert, tls_key=pki.client_key)
+    assert "cannot bind" not in str(caught.value)
+
+
+async def test_with_a_token_unknown_methods_are_unauthenticated_not_unimplemented(token_file: Path) -> None:
+    running = await _start(auth_token_file=token_file)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            for method in (f"/{SERVICE}/NoSuchMethod", "/histosynth.v1.Secret/Probe", f"/{SERVICE}/Echo"):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await channel.unary_unary(method)(b"x", timeout=5)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                call = channel.stream_stream("/histosynth.v1.Secret/Stream")(iter([b"a", b"b"]), timeout=5)
+                async for _ in call:
+                    pass
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # With the token, an unknown method is UNIMPLEMENTED as usual.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary(f"/{SERVICE}/NoSuchMethod")(
+                    b"x", timeout=5, metadata=(("authorization", f"Bearer {TOKEN}"),)
+                )
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.stop(0)
