@@ -1,4 +1,4 @@
-"""Class-map scoring, numpy domain: mask-set statistics (KS/KL), segmentation metrics, TPS.
+"""Class-map scoring, numpy domain: mask-set shape statistics (KS/JS), segmentation metrics, TPS.
 
 Thin, validating wrappers over mask_stats.py and segmentation.py that take [N, H, W] batches the
 way the servicer and the CLI hold them, and name the offending field in every error.
@@ -35,61 +35,39 @@ def as_map_batch(array: np.ndarray, name: str) -> np.ndarray:
 MAX_MASK_CLASSES: Final = 64
 
 
-@dataclass(frozen=True)
-class FeatureComparisonResult:
-    name: str
-    ks_statistic: float
-    ks_pvalue: float
-    kl_divergence: float
-    real_mean: float
-    synthetic_mean: float
-
-
-@dataclass(frozen=True)
-class MaskScoresResult:
-    features: tuple[FeatureComparisonResult, ...]
-    real_count: int
-    synthetic_count: int
-    class_ids: tuple[int, ...]
-
-
 def score_masks(
     real: np.ndarray,
     synthetic: np.ndarray,
     class_ids: Sequence[int] = (),
     connectivity: int = 8,
-    kl_bins: int = mask_stats.DEFAULT_KL_BINS,
-) -> MaskScoresResult:
-    """Per-feature KS (statistic, p-value) and KL(real || synthetic) of two mask sets (PriorPath)."""
+    bins: int = mask_stats.DEFAULT_BINS,
+    include_background: bool = False,
+    include_border_objects: bool = False,
+) -> mask_stats.MaskSetComparison:
+    """PriorPath shape statistics of two mask sets: per class, KS / Jensen-Shannon (+ smoothed KL) of the
+    pooled per-object features and of the per-mask image features (services/scoring/mask_stats.py)."""
     real = as_map_batch(real, "real_masks")
     synthetic = as_map_batch(synthetic, "synthetic_masks")
     if connectivity not in (4, 8):
         raise InvalidInputError(f"connectivity={connectivity}: must be 4 or 8")
-    if not 1 <= kl_bins <= 10_000:
-        raise InvalidInputError(f"kl_bins={kl_bins}: must be in [1, 10000]")
-    ids = [int(c) for c in class_ids] or sorted(set(np.unique(real).tolist()) | set(np.unique(synthetic).tolist()))
+    if not 1 <= bins <= mask_stats.MAX_BINS:
+        raise InvalidInputError(f"bins={bins}: must be in [1, {mask_stats.MAX_BINS}]")
+    if len({int(c) for c in class_ids}) != len(class_ids):
+        raise InvalidInputError(f"class_ids {list(class_ids)} lists a class twice")
+    present = set(np.unique(real).tolist()) | set(np.unique(synthetic).tolist())
+    ids = mask_stats.describe_class_ids(present, class_ids, include_background)
+    if not ids:
+        raise InvalidInputError(
+            f"no class to describe: both mask sets hold only the background ({mask_stats.BACKGROUND_ID}); "
+            "list class_ids or set include_background"
+        )
     if len(ids) > MAX_MASK_CLASSES:
         raise InvalidInputError(
             f"{len(ids)} classes to describe (more than {MAX_MASK_CLASSES}); list the ones you need in class_ids"
         )
-    if len(set(ids)) != len(ids):
-        raise InvalidInputError(f"class_ids {ids} lists a class twice")
-    real_table = mask_stats.mask_feature_table(real, ids, connectivity)
-    synthetic_table = mask_stats.mask_feature_table(synthetic, ids, connectivity)
-    ks = mask_stats.ks_per_feature(real_table, synthetic_table)
-    kl = mask_stats.kl_per_feature(real_table, synthetic_table, bins=kl_bins)
-    features = tuple(
-        FeatureComparisonResult(
-            name=name,
-            ks_statistic=ks[name].statistic,
-            ks_pvalue=ks[name].pvalue,
-            kl_divergence=kl[name],
-            real_mean=float(real_table.column(name).mean()),
-            synthetic_mean=float(synthetic_table.column(name).mean()),
-        )
-        for name in real_table.names
-    )
-    return MaskScoresResult(features, real.shape[0], synthetic.shape[0], tuple(ids))
+    real_features = mask_stats.mask_set_features(real, ids, connectivity, include_border_objects)
+    synthetic_features = mask_stats.mask_set_features(synthetic, ids, connectivity, include_border_objects)
+    return mask_stats.compare_mask_sets(real_features, synthetic_features, bins)
 
 
 # ---------------------------------------------------------------------------- segmentation

@@ -21,9 +21,10 @@ from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
 from services.kserve_v2 import KServeV2Servicer, kserve_registration
 from services.model_host import ModelHost
+from services.scoring import mask_stats
 from services.scoring.class_maps import TpsResult, score_masks, score_segmentation, tumor_proportions
 from services.scoring.consistency import ConsistencyScorer
-from services.scoring.images import ImageList, as_image_list, decode_pngs
+from services.scoring.images import ImageList, as_image_list, check_png_headers, decode_pngs_off_loop
 from services.scoring.pipeline import (
     MODEL_KINDS,
     DistributionOptions,
@@ -46,8 +47,31 @@ ROLE_NAMES = frozenset(scoring_pb2.ImageSetRole.values())
 
 
 # ------------------------------------------------------------------------------ decoding
-def image_set(message: scoring_pb2.ImageSet, name: str, *, allow_empty: bool = False) -> ImageList:
-    """ImageSet -> list of uint8 RGB [H, W, 3] (tensor or PNGs, not both)."""
+def image_count(message: scoring_pb2.ImageSet) -> int:
+    """How many images an ImageSet holds, read from its tensor shape or PNG list (nothing decoded)."""
+    if message.HasField("images"):
+        shape = list(message.images.shape)
+        return int(shape[0]) if len(shape) == 4 else 1
+    return len(message.png_images)
+
+
+def check_set_counts(real: int, synthetic: int, pr_k: int) -> None:
+    """The scores' count rules, checked on the counts before any image is decoded or embedded."""
+    for role, count in (("real", real), ("synthetic", synthetic)):
+        if count < 2:
+            raise InvalidInputError(
+                f"the {role} set has {count} image(s); FID/KID need at least 2 per set "
+                f"(precision/recall with pr_k={pr_k} needs more than {pr_k})"
+            )
+    if min(real, synthetic) <= pr_k:
+        raise InvalidInputError(
+            f"precision/recall with pr_k={pr_k} needs more than {pr_k} images per set; "
+            f"got real {real}, synthetic {synthetic}; send more images or lower pr_k"
+        )
+
+
+async def image_set(message: scoring_pb2.ImageSet, name: str, *, allow_empty: bool = False) -> ImageList:
+    """ImageSet -> list of uint8 RGB [H, W, 3] (tensor or PNGs, not both); PNGs decode off the event loop."""
     has_tensor = message.HasField("images")
     if has_tensor and message.png_images:
         raise InvalidInputError(f"{name}: send images (uint8 tensor) or png_images, not both")
@@ -62,7 +86,7 @@ def image_set(message: scoring_pb2.ImageSet, name: str, *, allow_empty: bool = F
             )
         return as_image_list(array, f"{name}.images")
     if message.png_images:
-        return decode_pngs(list(message.png_images), f"{name}.png_images")
+        return await decode_pngs_off_loop(list(message.png_images), f"{name}.png_images")
     if allow_empty:
         return []
     raise InvalidInputError(f"{name}: no images; send a uint8 [N, H, W, 3] tensor in images or PNGs in png_images")
@@ -134,6 +158,43 @@ def distribution_scores(result: DistributionResult) -> scoring_pb2.DistributionS
     return response
 
 
+def mask_scores(result: mask_stats.MaskSetComparison) -> scoring_pb2.MaskScores:
+    def feature(f: mask_stats.FeatureComparison) -> scoring_pb2.FeatureComparison:
+        return scoring_pb2.FeatureComparison(
+            name=f.name, ks_statistic=f.ks_statistic, ks_pvalue=f.ks_pvalue, kl_divergence=f.kl_smoothed,
+            real_mean=f.real_mean, synthetic_mean=f.synthetic_mean, js_divergence=f.js_divergence, group=f.group,
+            class_id=f.class_id, feature=f.feature, real_n=f.real_n, synthetic_n=f.synthetic_n,
+        )
+
+    classes = [
+        scoring_pb2.ClassMaskScores(
+            class_id=c.class_id, status=c.status, real_objects=c.real_objects,
+            synthetic_objects=c.synthetic_objects, real_border_objects=c.real_border_objects,
+            synthetic_border_objects=c.synthetic_border_objects, real_masks_with_class=c.real_masks_with_class,
+            synthetic_masks_with_class=c.synthetic_masks_with_class, mean_ks=c.mean_ks, mean_js=c.mean_js,
+            image_mean_ks=c.image_mean_ks or 0.0, image_mean_js=c.image_mean_js or 0.0,
+        )
+        for c in result.classes
+    ]
+    return scoring_pb2.MaskScores(
+        features=[feature(f) for f in result.features],
+        real_count=result.real_masks,
+        synthetic_count=result.synthetic_masks,
+        class_ids=list(result.class_ids),
+        classes=classes,
+        mean_ks=result.mean_ks,
+        mean_js=result.mean_js,
+        image_mean_ks=result.image_mean_ks or 0.0,
+        image_mean_js=result.image_mean_js or 0.0,
+        real_objects=result.real_objects,
+        synthetic_objects=result.synthetic_objects,
+        missing_class_ids=list(result.missing_classes),
+        bins=result.bins,
+        connectivity=result.connectivity,
+        include_border_objects=result.include_border_objects,
+    )
+
+
 def tps_messages(results: tuple[TpsResult, ...]) -> list[scoring_pb2.TumorProportion]:
     return [scoring_pb2.TumorProportion(tps=result.tps, bin=result.bin) for result in results]
 
@@ -147,11 +208,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     async def ScoreImages(
         self, request: scoring_pb2.ScoreImagesRequest, context: grpc.aio.ServicerContext
     ) -> scoring_pb2.DistributionScores:
-        real = image_set(request.real, "real")
-        synthetic = image_set(request.synthetic, "synthetic")
-        result = await self.pipeline.score_images(
-            real, synthetic, distribution_options(request.options), deadline=deadline_of(context)
-        )
+        options = distribution_options(request.options)
+        # Cheap rules first: counts, then every PNG header and the request's decoded total, then decode.
+        check_set_counts(image_count(request.real), image_count(request.synthetic), options.pr_k)
+        check_png_headers([*request.real.png_images, *request.synthetic.png_images], "real + synthetic png_images")
+        real = await image_set(request.real, "real")
+        synthetic = await image_set(request.synthetic, "synthetic")
+        result = await self.pipeline.score_images(real, synthetic, options, deadline=deadline_of(context))
         return distribution_scores(result)
 
     async def ScoreImageStream(
@@ -170,7 +233,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
                     f"message {index}: options differ from the first message's; options are read from the "
                     "first message only (leave them unset or repeat them unchanged)"
                 )
-            images = image_set(batch.images, f"message {index}", allow_empty=True)
+            images = await image_set(batch.images, f"message {index}", allow_empty=True)
             if not images:
                 continue
             role = ROLES.get(batch.role)
@@ -190,23 +253,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     ) -> scoring_pb2.MaskScores:
         real = class_maps(request, "real_masks")
         synthetic = class_maps(request, "synthetic_masks")
+        bins = int(request.bins) or int(request.kl_bins) or mask_stats.DEFAULT_BINS
+        connectivity = int(request.connectivity) or 8
         result = await asyncio.to_thread(
-            score_masks, real, synthetic, list(request.class_ids),
-            int(request.connectivity) or 8, int(request.kl_bins) or 20,
+            score_masks, real, synthetic, list(request.class_ids), connectivity, bins,
+            request.include_background, request.include_border_objects,
         )
-        return scoring_pb2.MaskScores(
-            features=[
-                scoring_pb2.FeatureComparison(
-                    name=feature.name, ks_statistic=feature.ks_statistic, ks_pvalue=feature.ks_pvalue,
-                    kl_divergence=feature.kl_divergence, real_mean=feature.real_mean,
-                    synthetic_mean=feature.synthetic_mean,
-                )
-                for feature in result.features
-            ],
-            real_count=result.real_count,
-            synthetic_count=result.synthetic_count,
-            class_ids=list(result.class_ids),
-        )
+        return mask_scores(result)
 
     async def ScoreSegmentation(
         self, request: scoring_pb2.ScoreSegmentationRequest, context: grpc.aio.ServicerContext
@@ -264,7 +317,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     async def Consistency(
         self, request: scoring_pb2.ConsistencyRequest, context: grpc.aio.ServicerContext
     ) -> scoring_pb2.ConsistencyResponse:
-        images = image_set(request.images, "images")
+        images = await image_set(request.images, "images")
         masks = class_maps(request, "conditioning_masks", "the class maps the images were rendered from, [N, H, W]")
         result = await self.consistency.score(
             images, masks, renderer=request.renderer, segmenter=request.segmenter,

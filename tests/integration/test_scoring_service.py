@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services._generated.histosynth.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc
+from services.scoring import mask_stats
 from services.scoring import servicer as scoring
 from services.scoring.servicer import SERVICE_NAME
 from services.tensor_codec import array_to_tensor, tensor_to_array
@@ -225,15 +226,61 @@ async def test_score_masks(scoring_server: LiveServer) -> None:
         scoring_pb2.ScoreMasksRequest(real_masks=array_to_tensor(real), synthetic_masks=array_to_tensor(synthetic)),
         timeout=30,
     )
-    assert list(response.class_ids) == [0, 1, 2] and (response.real_count, response.synthetic_count) == (6, 6)
+    # Background 0 is not described by default; every class-1/2 region here touches the border, so no
+    # object is measured (status "absent", border objects counted) and only the image features compare.
+    assert list(response.class_ids) == [1, 2] and (response.real_count, response.synthetic_count) == (6, 6)
+    assert (response.bins, response.connectivity, response.include_border_objects) == (20, 8, False)
+    assert [c.status for c in response.classes] == ["absent", "absent"]
+    assert response.classes[0].real_border_objects == 6 and not response.classes[0].HasField("mean_ks")
+    assert not response.HasField("mean_js") and response.image_mean_ks > 0
     by_name = {feature.name: feature for feature in response.features}
-    assert len(by_name) == 18
-    area = by_name["area_fraction/class_1"]
-    assert area.ks_statistic > 0.5 and area.ks_pvalue < 0.05 and area.kl_divergence > 1.0
+    assert set(by_name) == {f"image/{f}/class_{c}" for f in ("area_fraction", "object_count") for c in (1, 2)}
+    area = by_name["image/area_fraction/class_1"]
+    assert area.ks_statistic > 0.5 and area.ks_pvalue < 0.05 and 0.5 < area.js_divergence <= 1.0
+    assert np.isfinite(area.kl_divergence) and (area.group, area.class_id, area.feature) == ("image", 1, "area_fraction")
+    # Measured as cut, the border objects compare too; the deprecated kl_bins still sets the bins.
+    cut = await stub(scoring_server).ScoreMasks(
+        scoring_pb2.ScoreMasksRequest(real_masks=array_to_tensor(real), synthetic_masks=array_to_tensor(synthetic),
+                                      include_border_objects=True, include_background=True, kl_bins=7),
+        timeout=30,
+    )
+    assert list(cut.class_ids) == [0, 1, 2] and cut.bins == 7 and cut.include_border_objects
+    assert [c.status for c in cut.classes] == ["compared"] * 3 and cut.HasField("mean_js")
+    assert len([f for f in cut.features if f.group == "object"]) == 3 * len(mask_stats.OBJECT_FEATURES)
     await expect_error(
         stub(scoring_server).ScoreMasks(scoring_pb2.ScoreMasksRequest(real_masks=array_to_tensor(real)), timeout=30),
         grpc.StatusCode.INVALID_ARGUMENT, "synthetic_masks is required",
     )
+
+
+async def test_score_masks_shapes_over_grpc_match_the_library(scoring_server: LiveServer) -> None:
+    """Squares vs discs away from the border: per-object shape statistics, a class missing in one set."""
+    real = np.zeros((4, 32, 32), np.uint8)
+    synthetic = np.zeros_like(real)
+    yy, xx = np.mgrid[:32, :32] - 16
+    for i in range(4):
+        real[i, 4:10 + i, 4:10 + i] = 1
+        real[i, 20:24, 20:30] = 2  # class 2 exists only in the real set
+        synthetic[i][yy**2 + xx**2 <= (3 + i) ** 2] = 1
+    response = await stub(scoring_server).ScoreMasks(
+        scoring_pb2.ScoreMasksRequest(real_masks=array_to_tensor(real), synthetic_masks=array_to_tensor(synthetic),
+                                      bins=10),
+        timeout=30,
+    )
+    expected = mask_stats.score_mask_sets(real, synthetic, bins=10)
+    assert list(response.class_ids) == [1, 2] and list(response.missing_class_ids) == [2]
+    one, two = response.classes
+    assert (one.status, one.real_objects, one.synthetic_objects) == ("compared", 4, 4)
+    assert (two.status, two.real_objects, two.synthetic_objects) == ("missing_in_synthetic", 4, 0)
+    assert not two.HasField("mean_ks") and two.real_masks_with_class == 4
+    assert response.mean_ks == pytest.approx(expected.mean_ks) and response.mean_js == pytest.approx(expected.mean_js)
+    assert (response.real_objects, response.synthetic_objects) == (8, 4)
+    by_name = {f.name: f for f in response.features}
+    assert set(by_name) == {f.name for f in expected.features}
+    extent = by_name["object/extent/class_1"]
+    assert extent.ks_statistic == 1.0 and extent.real_mean == 1.0 and extent.synthetic_mean < 0.9
+    assert (extent.real_n, extent.synthetic_n) == (4, 4)
+    assert 0.0 < extent.js_divergence <= 1.0
 
 
 async def test_score_segmentation_and_tps(scoring_server: LiveServer) -> None:

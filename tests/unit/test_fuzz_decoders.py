@@ -362,17 +362,22 @@ map_dtypes = (common_pb2.DATA_TYPE_UINT8, common_pb2.DATA_TYPE_UINT16, common_pb
     synthetic=mask_tensors(*map_dtypes),
     class_ids=st.lists(st.integers(-(2**31), 2**31 - 1) | st.integers(0, 3), max_size=4),
     connectivity=st.sampled_from([0, 4, 8, 6, 2**32 - 1]),
-    kl_bins=st.sampled_from([0, 1, 20, 10_001, 2**32 - 1]),
+    bins=st.sampled_from([0, 1, 20, 10_001, 2**32 - 1]),
+    flags=st.tuples(st.booleans(), st.booleans()),
 )
-def test_scoring_mask_requests(real: Any, synthetic: Any, class_ids: list[int], connectivity: int, kl_bins: int) -> None:
+def test_scoring_mask_requests(real: Any, synthetic: Any, class_ids: list[int], connectivity: int, bins: int,
+                               flags: tuple[bool, bool]) -> None:
     request = scoring_pb2.ScoreMasksRequest(
-        real_masks=real, synthetic_masks=synthetic, class_ids=class_ids, connectivity=connectivity, kl_bins=kl_bins
+        real_masks=real, synthetic_masks=synthetic, class_ids=class_ids, connectivity=connectivity, bins=bins,
+        include_background=flags[0], include_border_objects=flags[1],
     )
     try:
         real_maps = scoring.class_maps(request, "real_masks")
         synthetic_maps = scoring.class_maps(request, "synthetic_masks")
-        scoring.score_masks(real_maps, synthetic_maps, list(request.class_ids),
-                            int(request.connectivity) or 8, int(request.kl_bins) or 20)
+        result = scoring.score_masks(real_maps, synthetic_maps, list(request.class_ids),
+                                     int(request.connectivity) or 8, int(request.bins) or 20,
+                                     request.include_background, request.include_border_objects)
+        scoring.mask_scores(result)
     except InvalidInputError as error:
         assert error.message
 

@@ -1,87 +1,227 @@
-"""Mask morphology features (hand-computed) and KS / KL against scipy."""
+"""Per-object mask shape features (hand-computed) and KS / Jensen-Shannon / smoothed KL against scipy."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import scipy.ndimage
 import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.spatial.distance import jensenshannon
 
 from services.scoring.errors import ScoringInputError
 from services.scoring.mask_stats import (
-    FEATURE_KINDS,
-    KSResult,
-    MaskFeatureTable,
-    feature_names,
-    kl_divergence_histogram,
-    kl_per_feature,
-    ks_per_feature,
+    IMAGE_FEATURES,
+    OBJECT_FEATURES,
+    STATUS_ABSENT,
+    STATUS_COMPARED,
+    STATUS_MISSING_IN_SYNTHETIC,
+    compare_mask_sets,
+    describe_class_ids,
+    js_divergence,
+    js_divergence_counts,
+    kl_smoothed,
+    ks_pvalue,
     ks_statistic,
-    mask_feature_table,
-    mask_features,
+    mask_objects,
+    mask_set_features,
+    score_mask_sets,
+    shared_histograms,
 )
 
 
-def _two_blob_mask() -> np.ndarray:
-    # 20 x 30 = 600 pixels; class 1 = a 3x3 square (9 px) and a 5x10 rectangle (50 px).
-    mask = np.zeros((20, 30), dtype=np.int64)
-    mask[2:5, 2:5] = 1
-    mask[10:15, 10:20] = 1
+def feature(values: np.ndarray, name: str) -> np.ndarray:
+    return values[:, OBJECT_FEATURES.index(name)]
+
+
+def square(size: int, canvas: int = 24, at: int = 3, label: int = 1) -> np.ndarray:
+    mask = np.zeros((canvas, canvas), np.uint8)
+    mask[at:at + size, at:at + size] = label
     return mask
 
 
-def test_features_of_a_hand_drawn_mask() -> None:
-    feats = mask_features(_two_blob_mask(), class_ids=[0, 1])
-    # Class 1: area 59 / 600; two regions of 9 and 50 px: mean 29.5, median 29.5, max 50.
-    # Boundary edges: square perimeter 4*3 = 12, rectangle 2*(5+10) = 30 -> 42 / 59 px.
-    assert feats["area_fraction/class_1"] == pytest.approx(59 / 600)
-    assert feats["component_count/class_1"] == 2
-    assert feats["component_size_mean/class_1"] == pytest.approx(29.5)
-    assert feats["component_size_median/class_1"] == pytest.approx(29.5)
-    assert feats["component_size_max/class_1"] == 50
-    assert feats["boundary_per_area/class_1"] == pytest.approx(42 / 59)
-    # Class 0 is the single surrounding region; it shares the same 42 edges; the image
-    # border does not count as boundary.
-    assert feats["area_fraction/class_0"] == pytest.approx(541 / 600)
-    assert feats["component_count/class_0"] == 1
-    assert feats["component_size_max/class_0"] == 541
-    assert feats["boundary_per_area/class_0"] == pytest.approx(42 / 541)
-    assert tuple(feats) == feature_names([0, 1])
+def disc(radius: int, canvas: int = 24, label: int = 1) -> np.ndarray:
+    yy, xx = np.mgrid[:canvas, :canvas] - canvas // 2
+    return ((yy**2 + xx**2 <= radius**2) * label).astype(np.uint8)
 
 
-def test_connectivity_decides_whether_diagonal_pixels_join() -> None:
-    diagonal = np.eye(4, dtype=np.int64)  # four pixels touching only at corners
-    assert mask_features(diagonal, [1], connectivity=8)["component_count/class_1"] == 1
-    four = mask_features(diagonal, [1], connectivity=4)
-    assert four["component_count/class_1"] == 4
-    assert four["component_size_mean/class_1"] == 1
-    # Each pixel has 4 edges to class 0 except where it touches the border:
-    # (0,0): right+down = 2, (1,1): 4, (2,2): 4, (3,3): up+left = 2 -> 12 edges / 4 px.
-    assert four["boundary_per_area/class_1"] == pytest.approx(3.0)
+# ------------------------------------------------------------------------------ features
 
 
-def test_absent_class_gives_zeros() -> None:
-    feats = mask_features(np.zeros((8, 8), dtype=np.uint8), [0, 2])
-    assert all(feats[f"{kind}/class_2"] == 0.0 for kind in FEATURE_KINDS)
-    assert feats["area_fraction/class_0"] == 1.0
-    assert feats["boundary_per_area/class_0"] == 0.0
+def test_square_features_by_hand() -> None:
+    found = mask_objects(square(7), 1)
+    assert (found.objects, found.border_objects, found.values.shape) == (1, 0, (1, len(OBJECT_FEATURES)))
+    row = dict(zip(OBJECT_FEATURES, found.values[0], strict=True))
+    assert row["area"] == 49
+    assert row["equivalent_diameter"] == pytest.approx(math.sqrt(4 * 49 / math.pi))
+    assert row["extent"] == 1.0 and row["solidity"] == pytest.approx(1.0)
+    assert row["eccentricity"] == pytest.approx(0.0, abs=1e-9) and row["axis_ratio"] == pytest.approx(1.0)
+    assert row["holes"] == 0 and row["hole_fraction"] == 0
+    assert found.area_fraction == pytest.approx(49 / 576)
 
 
-def test_feature_table_from_generator_and_bad_input() -> None:
-    masks = (np.roll(_two_blob_mask(), shift, axis=1) for shift in range(3))
-    table = mask_feature_table(masks, class_ids=[1])
-    assert table.values.shape == (3, len(FEATURE_KINDS))
-    np.testing.assert_allclose(table.column("area_fraction/class_1"), 59 / 600)
+def test_disc_and_elongated_rectangle_by_hand() -> None:
+    mask = disc(5, canvas=20)
+    row = dict(zip(OBJECT_FEATURES, mask_objects(mask, 1).values[0], strict=True))
+    area = int(mask.sum())
+    assert row["area"] == area and row["extent"] == pytest.approx(area / 11**2)
+    assert row["extent"] < 0.8  # a disc does not fill its box (81 of 121 pixels here)
+    assert row["eccentricity"] == pytest.approx(0.0, abs=1e-9) and row["solidity"] > 0.9
+    rectangle = np.zeros((20, 30), np.uint8)
+    rectangle[5:7, 5:25] = 1  # 2 x 20: second moments 1/4 and 399/12 -> axis ratio sqrt(3/399)
+    row = dict(zip(OBJECT_FEATURES, mask_objects(rectangle, 1).values[0], strict=True))
+    assert row["axis_ratio"] == pytest.approx(math.sqrt((1 / 4) / (399 / 12)), rel=1e-6)
+    assert row["eccentricity"] == pytest.approx(math.sqrt(1 - (1 / 4) / (399 / 12)), rel=1e-6)
+
+
+def test_holes_match_scipy_fill_holes() -> None:
+    ring = square(9)
+    ring[6:9, 6:9] = 0  # one 3x3 hole
+    ring[4, 10] = 0  # and a one-pixel hole
+    row = dict(zip(OBJECT_FEATURES, mask_objects(ring, 1).values[0], strict=True))
+    filled = scipy.ndimage.binary_fill_holes(ring == 1)
+    assert row["holes"] == 2 and row["area"] == 81 - 10
+    assert row["hole_fraction"] == pytest.approx((filled.sum() - (ring == 1).sum()) / filled.sum())
+    # A pixel open to the outside only diagonally: a hole of an 8-connected object (its background is
+    # 4-connected, as in binary_fill_holes), not of a 4-connected object (8-connected background).
+    diagonal = square(5)  # rows / columns 3..7
+    diagonal[3, 3] = 0  # corner gone
+    diagonal[4, 4] = 0  # diagonal to the gone corner
+    assert feature(mask_objects(diagonal, 1, connectivity=8).values, "holes")[0] == 1
+    assert scipy.ndimage.binary_fill_holes(diagonal == 1)[4, 4]
+    assert feature(mask_objects(diagonal, 1, connectivity=4).values, "holes")[0] == 0
+    notch = square(5)
+    notch[3:5, 4] = 0  # open to the outside through an edge: a notch, not a hole
+    assert feature(mask_objects(notch, 1, connectivity=8).values, "holes")[0] == 0
+
+
+def test_border_objects_are_counted_and_excluded_unless_asked() -> None:
+    mask = square(4, at=0) + square(3, at=10)  # one square in the corner, one inside
+    kept = mask_objects(mask, 1)
+    assert (kept.objects, kept.border_objects) == (2, 1) and feature(kept.values, "area").tolist() == [9]
+    both = mask_objects(mask, 1, include_border_objects=True)
+    assert both.border_objects == 1 and sorted(feature(both.values, "area").tolist()) == [9, 16]
+
+
+def test_absent_class_has_no_objects_not_zeros() -> None:
+    found = mask_objects(np.zeros((8, 8), np.uint8), 2)
+    assert found.values.shape == (0, len(OBJECT_FEATURES)) and found.objects == 0 and found.area_fraction == 0
+
+
+def test_set_features_pool_objects_from_a_generator_and_bad_input() -> None:
+    masks = (square(3 + k) + square(2, at=15) for k in range(3))
+    features = mask_set_features(masks, [1])
+    pooled = features.classes[1]
+    assert features.masks == 3 and pooled.kept_objects == 6 and pooled.masks_with_class == 3
+    assert sorted(pooled.object_column("area").tolist()) == [4, 4, 4, 9, 16, 25]
+    np.testing.assert_array_equal(pooled.image_column("object_count"), [2, 2, 2])
     with pytest.raises(ScoringInputError, match="unknown feature"):
-        table.column("area/class_1")
+        pooled.object_column("boundary_per_area")
     with pytest.raises(ScoringInputError, match="connectivity"):
-        mask_features(_two_blob_mask(), [1], connectivity=6)
+        mask_objects(square(3), 1, connectivity=6)
     with pytest.raises(ScoringInputError, match="integer class ids"):
-        mask_features(np.zeros((4, 4), dtype=np.float32), [0])
+        mask_objects(np.zeros((4, 4), np.float32), 0)
+    with pytest.raises(ScoringInputError, match="at least one mask"):
+        mask_set_features([], [1])
 
 
-# ------------------------------------------------------------------------------------ KS
+# ---------------------------------------------------------------------- background choice
+
+
+def test_binary_masks_describe_the_foreground_only_unless_asked() -> None:
+    real = np.stack([square(5 + k) for k in range(4)])
+    synthetic = np.stack([disc(3 + k) for k in range(4)])
+    assert describe_class_ids({0, 1}) == (1,)
+    assert describe_class_ids({0, 1}, include_background=True) == (0, 1)
+    assert describe_class_ids({0, 1, 2}, class_ids=[0, 2]) == (0, 2)
+    default = score_mask_sets(real, synthetic)
+    assert default.class_ids == (1,) and {f.class_id for f in default.features} == {1}
+    assert len(default.object_features) == len(OBJECT_FEATURES) and len(default.image_features) == len(IMAGE_FEATURES)
+    both = score_mask_sets(real, synthetic, include_background=True)
+    assert both.class_ids == (0, 1)
+    # The background surrounds the object and touches the border: no background object is measured.
+    background = both.classes[0]
+    assert background.status == STATUS_ABSENT and background.real_border_objects == 4
+    with pytest.raises(ScoringInputError, match="twice"):
+        describe_class_ids({1}, class_ids=[1, 1])
+    with pytest.raises(ScoringInputError, match="no class to describe"):
+        score_mask_sets(np.zeros((2, 8, 8), np.uint8), np.zeros((2, 8, 8), np.uint8))
+
+
+# ------------------------------------------------------------------- squares vs discs, scipy
+
+
+def test_squares_vs_discs_match_scipy() -> None:
+    sizes, radii = [4, 5, 6, 7, 8, 9], [2, 3, 4, 5, 6, 7]
+    real = [square(s, canvas=32, at=4) for s in sizes]
+    synthetic = [disc(r, canvas=32) for r in radii]
+    result = score_mask_sets(real, synthetic, bins=10)
+    (c,) = result.classes
+    assert c.status == STATUS_COMPARED and (c.real_objects, c.synthetic_objects) == (6, 6)
+    by_feature = {f.feature: f for f in c.objects}
+    # Independent expectations: squares fill their box, discs do not.
+    real_extent = np.ones(len(sizes))
+    synthetic_extent = np.array([disc(r, canvas=32).sum() / (2 * r + 1) ** 2 for r in radii])
+    extent = by_feature["extent"]
+    reference = scipy.stats.ks_2samp(real_extent, synthetic_extent)
+    assert extent.ks_statistic == reference.statistic == 1.0
+    assert extent.ks_pvalue == pytest.approx(reference.pvalue)
+    np.testing.assert_allclose([extent.real_mean, extent.synthetic_mean], [1.0, synthetic_extent.mean()])
+    # Areas: KS and JS (log bins over the pooled range) recomputed with scipy / numpy.
+    real_area = np.array([s * s for s in sizes], float)
+    synthetic_area = np.array([disc(r, canvas=32).sum() for r in radii], float)
+    area = by_feature["area"]
+    assert area.ks_statistic == pytest.approx(scipy.stats.ks_2samp(real_area, synthetic_area).statistic)
+    logs = np.log1p(np.concatenate([real_area, synthetic_area]))
+    edges = np.linspace(logs.min(), logs.max(), 11)
+    p = np.histogram(np.log1p(real_area), edges)[0]
+    q = np.histogram(np.log1p(synthetic_area), edges)[0]
+    assert area.js_divergence == pytest.approx(jensenshannon(p, q, base=2) ** 2, abs=1e-12)
+    assert (area.real_n, area.synthetic_n) == (6, 6)
+    # Identical sets: nothing to see.
+    same = score_mask_sets(real, real, bins=10)
+    assert all(f.ks_statistic == 0 and f.ks_pvalue == 1 and f.js_divergence == 0 for f in same.features)
+    assert same.mean_ks == 0 and same.mean_js == 0
+    # Summary numbers are plain means over the object features.
+    assert result.mean_ks == pytest.approx(np.mean([f.ks_statistic for f in c.objects]))
+    assert result.mean_js == pytest.approx(np.mean([f.js_divergence for f in c.objects]))
+    assert 0 < result.mean_js <= 1 and result.real_objects == 6
+
+
+def test_missing_class_is_reported_with_counts_not_zeros() -> None:
+    real = [square(4) + square(3, at=12, label=2) for _ in range(3)]
+    synthetic = [square(5) for _ in range(3)]
+    result = score_mask_sets(real, synthetic, class_ids=[1, 2, 3])
+    status = {c.class_id: c for c in result.classes}
+    assert status[1].status == STATUS_COMPARED
+    two = status[2]
+    assert two.status == STATUS_MISSING_IN_SYNTHETIC and (two.real_objects, two.synthetic_objects) == (3, 0)
+    assert two.objects == () and two.mean_ks is None and two.real_masks_with_class == 3
+    assert status[3].status == STATUS_ABSENT and status[3].objects == ()
+    assert result.missing_classes == (2,) and result.compared_classes == (1,)
+    # Means cover the compared class only; the image features still see class 2 vanish.
+    assert result.mean_ks == status[1].mean_ks
+    area_fraction_2 = next(f for f in two.image if f.feature == "area_fraction")
+    assert area_fraction_2.ks_statistic == 1.0 and area_fraction_2.js_divergence == 1.0
+    summary = result.as_dict()
+    assert summary["missing_classes"] == [2] and summary["classes"]["2"]["mean_js"] is None
+    assert summary["classes"]["2"]["real_objects"] == 3 and summary["classes"]["2"]["objects"] == {}
+
+
+def test_compare_needs_matching_feature_sets() -> None:
+    real = mask_set_features([square(4)], [1])
+    with pytest.raises(ScoringInputError, match="classes"):
+        compare_mask_sets(real, mask_set_features([square(4)], [1, 2]))
+    with pytest.raises(ScoringInputError, match="border"):
+        compare_mask_sets(real, mask_set_features([square(4)], [1], include_border_objects=True))
+    with pytest.raises(ScoringInputError, match="bins"):
+        compare_mask_sets(real, real, bins=0)
+
+
+# ------------------------------------------------------------------------- KS, JS, KL
 
 samples = st.lists(
     st.one_of(st.integers(-5, 5).map(float), st.floats(-1e3, 1e3, allow_nan=False)), min_size=1, max_size=40
@@ -89,15 +229,12 @@ samples = st.lists(
 
 
 @pytest.mark.filterwarnings("ignore:ks_2samp. Exact calculation unsuccessful:RuntimeWarning")
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(a=samples, b=samples)
 def test_ks_statistic_and_pvalue_match_scipy(a: list[float], b: list[float]) -> None:
     reference = scipy.stats.ks_2samp(a, b)
     assert ks_statistic(a, b) == pytest.approx(reference.statistic, abs=1e-12)
-    result = ks_per_feature({"f": a}, {"f": b})["f"]
-    assert isinstance(result, KSResult)
-    assert result.statistic == pytest.approx(reference.statistic, abs=1e-12)
-    assert result.pvalue == pytest.approx(reference.pvalue, rel=1e-12, abs=1e-300)
+    assert ks_pvalue(a, b) == pytest.approx(reference.pvalue, rel=1e-12, abs=1e-300)
 
 
 def test_ks_hand_case() -> None:
@@ -105,61 +242,36 @@ def test_ks_hand_case() -> None:
     assert ks_statistic([1, 2, 3], [2.5, 4]) == pytest.approx(2 / 3)
 
 
-def test_ks_per_feature_on_tables_requires_matching_names() -> None:
-    rng = np.random.default_rng(0)
-    real = MaskFeatureTable(("a", "b"), rng.normal(size=(50, 2)))
-    synth = MaskFeatureTable(("a", "b"), rng.normal(size=(40, 2)) + [0.0, 3.0])
-    results = ks_per_feature(real, synth)
-    assert results["b"].statistic > 0.8 and results["b"].pvalue < 1e-10
-    assert results["a"].pvalue > 1e-3
-    with pytest.raises(ScoringInputError, match="only real"):
-        ks_per_feature(real, {"a": [1.0]})
-
-
-# ------------------------------------------------------------------------------------ KL
-
-
 @settings(max_examples=50, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    bins=st.integers(1, 30),
-    epsilon=st.sampled_from([1e-10, 1e-6, 1e-3]),
-)
-def test_kl_matches_scipy_entropy_on_shared_bins(seed: int, bins: int, epsilon: float) -> None:
+@given(seed=st.integers(0, 10_000), bins=st.integers(1, 30), log=st.booleans())
+def test_js_matches_scipy_on_shared_bins(seed: int, bins: int, log: bool) -> None:
     rng = np.random.default_rng(seed)
-    real = rng.normal(size=rng.integers(1, 80))
-    synth = rng.normal(loc=0.5, scale=1.5, size=rng.integers(1, 80))
-    # Independent reference: shared edges over the pooled data, probabilities + epsilon,
-    # scipy.stats.entropy renormalises and computes sum p log(p / q).
-    edges = np.linspace(min(real.min(), synth.min()), max(real.max(), synth.max()), bins + 1)
-    if edges[0] == edges[-1]:
-        edges = np.linspace(edges[0] - 0.5, edges[0] + 0.5, bins + 1)
-    p = np.histogram(real, edges)[0] / real.size
-    q = np.histogram(synth, edges)[0] / synth.size
-    expected = scipy.stats.entropy(p + epsilon, q + epsilon)
-    assert kl_divergence_histogram(real, synth, bins=bins, epsilon=epsilon) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    real = rng.gamma(2.0, size=rng.integers(1, 80))
+    synth = rng.gamma(3.0, scale=1.5, size=rng.integers(1, 80))
+    x, y = (np.log1p(real), np.log1p(synth)) if log else (real, synth)
+    edges = np.linspace(min(x.min(), y.min()), max(x.max(), y.max()), bins + 1)
+    p, q = np.histogram(x, edges)[0], np.histogram(y, edges)[0]
+    expected = jensenshannon(p, q, base=2) ** 2
+    value = js_divergence(real, synth, bins=bins, log=log)
+    assert value == pytest.approx(expected, abs=1e-9) and 0 <= value <= 1
+    # Add-one smoothed KL: scipy.stats.entropy of the smoothed counts.
+    assert kl_smoothed(real, synth, bins=bins, log=log) == pytest.approx(
+        scipy.stats.entropy(p + 1.0, q + 1.0), rel=1e-9, abs=1e-12)
 
 
-def test_kl_hand_case_identity_and_asymmetry() -> None:
-    # Two bins [0, 0.5), [0.5, 1]: real 3/4 vs 1/4, synth 1/4 vs 3/4 (epsilon negligible):
-    # KL = 3/4 ln 3 + 1/4 ln(1/3) = 1/2 ln 3.
-    real, synth = [0.0, 0.1, 0.2, 1.0], [0.0, 0.9, 0.95, 1.0]
-    assert kl_divergence_histogram(real, synth, bins=2) == pytest.approx(0.5 * np.log(3), rel=1e-8)
-    assert kl_divergence_histogram(real, real, bins=7) == 0.0
-    # p = (1/2, 1/2), q = (1/4, 3/4): KL(p||q) = 1/2 ln(4/3), KL(q||p) = 1/4 ln(1/2) + 3/4 ln(3/2).
-    even, skewed = [0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]
-    assert kl_divergence_histogram(even, skewed, bins=2) == pytest.approx(0.5 * np.log(4 / 3), rel=1e-8)
-    assert kl_divergence_histogram(skewed, even, bins=2) == pytest.approx(0.25 * np.log(0.5) + 0.75 * np.log(1.5), rel=1e-8)
-
-
-def test_kl_stays_finite_when_synthetic_misses_a_bin() -> None:
-    value = kl_divergence_histogram([0.0, 10.0], [0.0, 0.0], bins=2, epsilon=1e-10)
-    # Half the real mass sits where synth has only epsilon: ~ 1/2 ln(1/2 / 1e-10).
-    assert np.isfinite(value) and value == pytest.approx(0.5 * np.log(0.5 / 1e-10) + 0.5 * np.log(0.5), rel=1e-6)
-    with pytest.raises(ScoringInputError, match="epsilon"):
-        kl_divergence_histogram([0.0], [1.0], epsilon=0.0)
-
-
-def test_kl_per_feature_constant_feature_is_zero() -> None:
-    result = kl_per_feature({"const": [2.0, 2.0], "x": [0.0, 1.0]}, {"const": [2.0], "x": [0.0, 1.0]}, bins=4)
-    assert result == {"const": 0.0, "x": 0.0}
+def test_empty_bins_stay_finite() -> None:
+    # Disjoint samples: every bin is empty in one histogram. JS is exactly 1 bit (its maximum).
+    assert js_divergence([0.0, 0.0], [10.0, 10.0], bins=2) == 1.0
+    assert js_divergence_counts([5, 0, 0, 0], [0, 0, 0, 7]) == 1.0
+    # Add-one smoothing: counts (2, 0) vs (0, 2) -> (3/4, 1/4) vs (1/4, 3/4): KL = 1/2 ln 3, not ~23 nats a bin.
+    assert kl_smoothed([0.0, 0.0], [10.0, 10.0], bins=2) == pytest.approx(0.5 * math.log(3))
+    # Many empty bins in both histograms cost nothing: JS only sees where the mass is.
+    assert js_divergence([0.0, 100.0], [0.0, 100.0], bins=1000) == 0.0
+    assert js_divergence([0.0, 0.0], [0.0, 0.0], bins=5) == 0.0  # one constant value: a single shared bin
+    # Histograms share edges spanning the pooled range.
+    p, q = shared_histograms([0.0, 1.0], [3.0], bins=3)
+    assert p.tolist() == [1, 1, 0] and q.tolist() == [0, 0, 1]  # edges 0, 1, 2, 3
+    with pytest.raises(ScoringInputError, match="bins"):
+        shared_histograms([0.0], [1.0], bins=0)
+    with pytest.raises(ScoringInputError, match="non-empty"):
+        js_divergence([], [1.0])

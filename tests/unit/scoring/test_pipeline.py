@@ -301,15 +301,20 @@ def test_png_decoding_variants() -> None:
 def test_score_masks_identical_and_different_sets() -> None:
     maps = class_maps(6, 20, 20)
     same = score_masks(maps, maps)
-    assert same.class_ids == (0, 1, 2) and same.real_count == 6
-    assert all(f.ks_statistic == 0.0 and f.ks_pvalue == 1.0 for f in same.features)
+    assert same.class_ids == (1, 2) and same.real_masks == 6  # background 0 is not described by default
+    assert all(f.ks_statistic == 0.0 and f.ks_pvalue == 1.0 and f.js_divergence == 0.0 for f in same.features)
+    assert score_masks(maps, maps, include_background=True).class_ids == (0, 1, 2)
     shifted = maps.copy()
     shifted[:, :, :6] = 1
-    different = score_masks(maps, shifted, class_ids=[1])
-    area = next(f for f in different.features if f.name == "area_fraction/class_1")
-    assert area.ks_statistic == 1.0 and area.kl_divergence > 1.0 and area.synthetic_mean > area.real_mean
+    different = score_masks(maps, shifted, class_ids=[1], include_border_objects=True)
+    area = next(f for f in different.features if f.name == "image/area_fraction/class_1")
+    assert area.ks_statistic == 1.0 and area.js_divergence > 0.5 and area.synthetic_mean > area.real_mean
     with pytest.raises(InvalidInputError, match="connectivity"):
         score_masks(maps, maps, connectivity=6)
+    with pytest.raises(InvalidInputError, match="bins"):
+        score_masks(maps, maps, bins=0)
+    with pytest.raises(InvalidInputError, match="twice"):
+        score_masks(maps, maps, class_ids=[1, 1])
 
 
 def test_score_segmentation_matches_the_metrics_module() -> None:

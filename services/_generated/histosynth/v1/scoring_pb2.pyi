@@ -142,46 +142,114 @@ class DistributionScores(_message.Message):
     def __init__(self, extractor: _Optional[_Union[Extractor, _Mapping]] = ..., real_count: _Optional[int] = ..., synthetic_count: _Optional[int] = ..., real_kept: _Optional[int] = ..., synthetic_kept: _Optional[int] = ..., fid: _Optional[float] = ..., fid_ci: _Optional[_Union[Interval, _Mapping]] = ..., kid_mean: _Optional[float] = ..., kid_std: _Optional[float] = ..., kid_subsets: _Optional[int] = ..., kid_subset_size: _Optional[int] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., pr_k: _Optional[int] = ..., inception_score: _Optional[_Union[InceptionScore, _Mapping]] = ...) -> None: ...
 
 class ScoreMasksRequest(_message.Message):
-    __slots__ = ("real_masks", "synthetic_masks", "class_ids", "connectivity", "kl_bins")
+    __slots__ = ("real_masks", "synthetic_masks", "class_ids", "connectivity", "kl_bins", "include_background", "include_border_objects", "bins")
     REAL_MASKS_FIELD_NUMBER: _ClassVar[int]
     SYNTHETIC_MASKS_FIELD_NUMBER: _ClassVar[int]
     CLASS_IDS_FIELD_NUMBER: _ClassVar[int]
     CONNECTIVITY_FIELD_NUMBER: _ClassVar[int]
     KL_BINS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BORDER_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    BINS_FIELD_NUMBER: _ClassVar[int]
     real_masks: _common_pb2.Tensor
     synthetic_masks: _common_pb2.Tensor
     class_ids: _containers.RepeatedScalarFieldContainer[int]
     connectivity: int
     kl_bins: int
-    def __init__(self, real_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., synthetic_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., class_ids: _Optional[_Iterable[int]] = ..., connectivity: _Optional[int] = ..., kl_bins: _Optional[int] = ...) -> None: ...
+    include_background: bool
+    include_border_objects: bool
+    bins: int
+    def __init__(self, real_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., synthetic_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., class_ids: _Optional[_Iterable[int]] = ..., connectivity: _Optional[int] = ..., kl_bins: _Optional[int] = ..., include_background: _Optional[bool] = ..., include_border_objects: _Optional[bool] = ..., bins: _Optional[int] = ...) -> None: ...
 
 class FeatureComparison(_message.Message):
-    __slots__ = ("name", "ks_statistic", "ks_pvalue", "kl_divergence", "real_mean", "synthetic_mean")
+    __slots__ = ("name", "ks_statistic", "ks_pvalue", "kl_divergence", "real_mean", "synthetic_mean", "js_divergence", "group", "class_id", "feature", "real_n", "synthetic_n")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KS_STATISTIC_FIELD_NUMBER: _ClassVar[int]
     KS_PVALUE_FIELD_NUMBER: _ClassVar[int]
     KL_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     REAL_MEAN_FIELD_NUMBER: _ClassVar[int]
     SYNTHETIC_MEAN_FIELD_NUMBER: _ClassVar[int]
+    JS_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    REAL_N_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_N_FIELD_NUMBER: _ClassVar[int]
     name: str
     ks_statistic: float
     ks_pvalue: float
     kl_divergence: float
     real_mean: float
     synthetic_mean: float
-    def __init__(self, name: _Optional[str] = ..., ks_statistic: _Optional[float] = ..., ks_pvalue: _Optional[float] = ..., kl_divergence: _Optional[float] = ..., real_mean: _Optional[float] = ..., synthetic_mean: _Optional[float] = ...) -> None: ...
+    js_divergence: float
+    group: str
+    class_id: int
+    feature: str
+    real_n: int
+    synthetic_n: int
+    def __init__(self, name: _Optional[str] = ..., ks_statistic: _Optional[float] = ..., ks_pvalue: _Optional[float] = ..., kl_divergence: _Optional[float] = ..., real_mean: _Optional[float] = ..., synthetic_mean: _Optional[float] = ..., js_divergence: _Optional[float] = ..., group: _Optional[str] = ..., class_id: _Optional[int] = ..., feature: _Optional[str] = ..., real_n: _Optional[int] = ..., synthetic_n: _Optional[int] = ...) -> None: ...
+
+class ClassMaskScores(_message.Message):
+    __slots__ = ("class_id", "status", "real_objects", "synthetic_objects", "real_border_objects", "synthetic_border_objects", "real_masks_with_class", "synthetic_masks_with_class", "mean_ks", "mean_js", "image_mean_ks", "image_mean_js")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REAL_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    REAL_BORDER_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_BORDER_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    REAL_MASKS_WITH_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_MASKS_WITH_CLASS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_KS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_JS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_MEAN_KS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_MEAN_JS_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    status: str
+    real_objects: int
+    synthetic_objects: int
+    real_border_objects: int
+    synthetic_border_objects: int
+    real_masks_with_class: int
+    synthetic_masks_with_class: int
+    mean_ks: float
+    mean_js: float
+    image_mean_ks: float
+    image_mean_js: float
+    def __init__(self, class_id: _Optional[int] = ..., status: _Optional[str] = ..., real_objects: _Optional[int] = ..., synthetic_objects: _Optional[int] = ..., real_border_objects: _Optional[int] = ..., synthetic_border_objects: _Optional[int] = ..., real_masks_with_class: _Optional[int] = ..., synthetic_masks_with_class: _Optional[int] = ..., mean_ks: _Optional[float] = ..., mean_js: _Optional[float] = ..., image_mean_ks: _Optional[float] = ..., image_mean_js: _Optional[float] = ...) -> None: ...
 
 class MaskScores(_message.Message):
-    __slots__ = ("features", "real_count", "synthetic_count", "class_ids")
+    __slots__ = ("features", "real_count", "synthetic_count", "class_ids", "classes", "mean_ks", "mean_js", "image_mean_ks", "image_mean_js", "real_objects", "synthetic_objects", "missing_class_ids", "bins", "connectivity", "include_border_objects")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     REAL_COUNT_FIELD_NUMBER: _ClassVar[int]
     SYNTHETIC_COUNT_FIELD_NUMBER: _ClassVar[int]
     CLASS_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_KS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_JS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_MEAN_KS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_MEAN_JS_FIELD_NUMBER: _ClassVar[int]
+    REAL_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_CLASS_IDS_FIELD_NUMBER: _ClassVar[int]
+    BINS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIVITY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BORDER_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedCompositeFieldContainer[FeatureComparison]
     real_count: int
     synthetic_count: int
     class_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, features: _Optional[_Iterable[_Union[FeatureComparison, _Mapping]]] = ..., real_count: _Optional[int] = ..., synthetic_count: _Optional[int] = ..., class_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    classes: _containers.RepeatedCompositeFieldContainer[ClassMaskScores]
+    mean_ks: float
+    mean_js: float
+    image_mean_ks: float
+    image_mean_js: float
+    real_objects: int
+    synthetic_objects: int
+    missing_class_ids: _containers.RepeatedScalarFieldContainer[int]
+    bins: int
+    connectivity: int
+    include_border_objects: bool
+    def __init__(self, features: _Optional[_Iterable[_Union[FeatureComparison, _Mapping]]] = ..., real_count: _Optional[int] = ..., synthetic_count: _Optional[int] = ..., class_ids: _Optional[_Iterable[int]] = ..., classes: _Optional[_Iterable[_Union[ClassMaskScores, _Mapping]]] = ..., mean_ks: _Optional[float] = ..., mean_js: _Optional[float] = ..., image_mean_ks: _Optional[float] = ..., image_mean_js: _Optional[float] = ..., real_objects: _Optional[int] = ..., synthetic_objects: _Optional[int] = ..., missing_class_ids: _Optional[_Iterable[int]] = ..., bins: _Optional[int] = ..., connectivity: _Optional[int] = ..., include_border_objects: _Optional[bool] = ...) -> None: ...
 
 class TpsClasses(_message.Message):
     __slots__ = ("positive_class_id", "negative_class_id")

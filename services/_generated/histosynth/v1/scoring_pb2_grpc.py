@@ -27,8 +27,9 @@ if _version_not_supported:
 
 class ScoringStub:
     """How good are synthetic images and masks? Distribution distances between image sets (FID, KID,
-    precision/recall, IS), mask-statistics comparisons (KS, KL), segmentation metrics (mIoU, Dice, ...),
-    tumour proportion scores, and mask-image consistency through a segmenter (a generation quality gate).
+    precision/recall, IS), mask shape statistics (KS, Jensen-Shannon), segmentation metrics (mIoU,
+    Dice, ...), tumour proportion scores, and mask-image consistency through a segmenter (a generation
+    quality gate).
 
     Every distribution score names the feature extractor that produced it: FID numbers from our
     histology encoder are NOT comparable with published (Inception) FID numbers.
@@ -74,8 +75,9 @@ class ScoringStub:
 
 class ScoringServicer:
     """How good are synthetic images and masks? Distribution distances between image sets (FID, KID,
-    precision/recall, IS), mask-statistics comparisons (KS, KL), segmentation metrics (mIoU, Dice, ...),
-    tumour proportion scores, and mask-image consistency through a segmenter (a generation quality gate).
+    precision/recall, IS), mask shape statistics (KS, Jensen-Shannon), segmentation metrics (mIoU,
+    Dice, ...), tumour proportion scores, and mask-image consistency through a segmenter (a generation
+    quality gate).
 
     Every distribution score names the feature extractor that produced it: FID numbers from our
     histology encoder are NOT comparable with published (Inception) FID numbers.
@@ -98,7 +100,8 @@ class ScoringServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScoreMasks(self, request, context):
-        """Real vs synthetic class-mask sets -> per-feature KS statistic, p-value and KL divergence (PriorPath).
+        """Real vs synthetic class-mask sets -> per class, KS / Jensen-Shannon of pooled per-object shape
+        features (area, perimeter, solidity, ...) and of per-mask area fractions (PriorPath).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,8 +171,9 @@ def add_ScoringServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Scoring:
     """How good are synthetic images and masks? Distribution distances between image sets (FID, KID,
-    precision/recall, IS), mask-statistics comparisons (KS, KL), segmentation metrics (mIoU, Dice, ...),
-    tumour proportion scores, and mask-image consistency through a segmenter (a generation quality gate).
+    precision/recall, IS), mask shape statistics (KS, Jensen-Shannon), segmentation metrics (mIoU,
+    Dice, ...), tumour proportion scores, and mask-image consistency through a segmenter (a generation
+    quality gate).
 
     Every distribution score names the feature extractor that produced it: FID numbers from our
     histology encoder are NOT comparable with published (Inception) FID numbers.
