@@ -437,16 +437,18 @@ class HistosynthClient:
         version: str = "",
         noise_spacing: float = 0.0,
         seed: int = 0,
+        guide_masks: np.ndarray | None = None,
         timeout: float | None = None,
     ) -> RefineOutput:
+        """``guide_masks``: optional {0, 1} region layout per coarse mask (mask-refiner v2: glands)."""
         stub = mask_refinement_pb2_grpc.MaskRefinementStub(self._channel("refinement"))
-        response = stub.Refine(
-            mask_refinement_pb2.RefineRequest(
-                coarse_masks=tensor_codec.array_to_tensor(np.asarray(coarse_masks, np.uint8)),
-                stain=stain, model=model, model_version=version, noise_spacing=noise_spacing, seed=seed,
-            ),
-            timeout=self._timeout(timeout),
+        request = mask_refinement_pb2.RefineRequest(
+            coarse_masks=tensor_codec.array_to_tensor(np.asarray(coarse_masks, np.uint8)),
+            stain=stain, model=model, model_version=version, noise_spacing=noise_spacing, seed=seed,
         )
+        if guide_masks is not None:
+            request.guide_masks.CopyFrom(tensor_codec.array_to_tensor(np.asarray(guide_masks, np.uint8)))
+        response = stub.Refine(request, timeout=self._timeout(timeout))
         noise = None
         if response.HasField("noise_labels") and response.noise_labels.shape:
             noise = np.array(tensor_codec.tensor_to_array(response.noise_labels, "noise_labels"))

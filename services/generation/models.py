@@ -78,10 +78,13 @@ class HostedMaskGenerator:
 class HostedRefiner:
     pipeline: RefinementPipeline
     ref: ModelRef
+    guided: bool = False  # the model has a guide input (mask-refiner v2): generation passes its gland layout
 
-    async def refine(self, coarse_masks: np.ndarray, deadline: float | None) -> np.ndarray:
+    async def refine(self, coarse_masks: np.ndarray, deadline: float | None, *,
+                     guide_masks: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
         result = await self.pipeline.refine(
-            coarse_masks, model=self.ref.name, version=self.ref.version, deadline=deadline
+            coarse_masks, model=self.ref.name, version=self.ref.version, deadline=deadline,
+            guide_masks=guide_masks if self.guided else None, seed=seed,
         )
         return result.fine_masks
 
@@ -130,4 +133,5 @@ class HostedModels:
                 "set refine to false or start the server with the refinement models"
             )
         served = await self.refinement.host.get(name, version or None)
-        return HostedRefiner(self.refinement, served.ref)
+        guided = "guide" in (served.metadata.get("input_channels") or ())
+        return HostedRefiner(self.refinement, served.ref, guided)

@@ -133,8 +133,12 @@ class Refiner(Protocol):
     @property
     def ref(self) -> ModelRef: ...
 
-    async def refine(self, coarse_masks: np.ndarray, deadline: float | None) -> np.ndarray:
-        """uint8 [N, H, W] binary coarse masks -> uint8 [N, H, W] binary fine masks."""
+    async def refine(self, coarse_masks: np.ndarray, deadline: float | None, *,
+                     guide_masks: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+        """uint8 [N, H, W] binary coarse masks (+ optional {0, 1} region layout) -> uint8 binary fine masks.
+
+        ``seed`` picks the refiner's noise (refiners with a noise input); refiners without a guide input
+        ignore ``guide_masks``."""
         ...
 
 
@@ -518,7 +522,7 @@ class GenerationPipeline:
             class_map = spec.coarse_masks[plan.index % spec.coarse_masks.shape[0]]
             layout = layout_from_class_map(spec.tissue, class_map, class_names)
             if job.refiner is not None:
-                layout = await self._refine_regions(job, layout, deadline)
+                layout = await self._refine_regions(job, layout, derive_seed(seed, "refine"), deadline)
             return layout, None
         targets = plan.targets
         if job.mask_generator is not None:
@@ -559,7 +563,7 @@ class GenerationPipeline:
                 if best is not None:
                     break
                 raise
-            refined = await self._refine_regions(job, coarse, deadline)
+            refined = await self._refine_regions(job, coarse, derive_seed(seed, "refine"), deadline)
             errors = {k: refined.achieved_fractions[k] - v for k, v in targets.class_fractions.items()}
             worst = max((abs(e) for e in errors.values()), default=0.0)
             refined = Layout(refined.class_map, refined.instances, refined.achieved_fractions, attempts=round_index + 1)
@@ -572,8 +576,9 @@ class GenerationPipeline:
         assert best is not None
         return best[1]
 
-    async def _refine_regions(self, job: PreparedJob, layout: Layout, deadline: float | None) -> Layout:
-        """PriorPath step: the coarse tissue mask (everything but non-tissue) -> the refiner -> fine tissue.
+    async def _refine_regions(self, job: PreparedJob, layout: Layout, seed: int, deadline: float | None) -> Layout:
+        """PriorPath step: the coarse tissue mask (everything but non-tissue) and the gland layout (the
+        region classes with their lumens filled, the refiner's guide) -> the refiner -> fine tissue.
 
         Then renderer-he-glands' class rule: non-tissue where the fine mask says so (it wins
         over gland), gland where tissue lies inside a gland region (the gland blobs with their
@@ -585,12 +590,21 @@ class GenerationPipeline:
         assert non_tissue is not None  # checked in prepare
         filler = next((i for i, n in enumerate(class_names) if "stroma" in n.lower()), 0)
         tissue = (layout.class_map != non_tissue).astype(np.uint8)
-        fine = (await job.refiner.refine(tissue[None], deadline))[0].astype(bool)
+
+        def regions() -> list[tuple[int, np.ndarray]]:
+            return [(region_class, scipy.ndimage.binary_fill_holes(layout.class_map == region_class))
+                    for region_class in gland_region_classes(class_names)]
+
+        filled = await asyncio.to_thread(regions)
+        guide = np.zeros(tissue.shape, np.uint8)
+        for _, region in filled:
+            guide |= region.astype(np.uint8)
+        fine = (await job.refiner.refine(tissue[None], deadline, guide_masks=guide[None], seed=seed))[0]
+        fine = fine.astype(bool)
 
         def rebuild() -> np.ndarray:
             class_map = np.where(fine, filler, non_tissue).astype(np.uint8)
-            for region_class in gland_region_classes(class_names):
-                region = scipy.ndimage.binary_fill_holes(layout.class_map == region_class)
+            for region_class, region in filled:
                 class_map[region & fine] = region_class
             return class_map
 

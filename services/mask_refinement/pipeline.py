@@ -1,7 +1,10 @@
 """Coarse tissue masks -> fine tissue masks with the PriorPath refiner (pix2pix U-Net); numpy only.
 
 Steps, each defined by the refiner's manifest metadata (written by training/export):
-  1. coarse {0, 1} masks -> float32 [N, 1, H, W] with tissue = +1, air = -1 (the training encoding);
+  1. coarse {0, 1} masks -> float32 [N, C, H, W] in the channel order of ``input_channels``
+     (v1: [coarse]; v2: [coarse, guide, noise]): coarse tissue = +1, air = -1; guide (a region
+     layout, e.g. glands) +1 / -1, or 0 when the caller has none; noise N(0, 1) per pixel,
+     mask i drawn from ``seed + i`` (so the same seed gives the same fine mask);
   2. reflect-pad H and W up to a multiple of ``size_multiple`` (the U-Net halves the size
      ``num_downs`` times), so any size is accepted, then crop the output back;
   3. one batched call through the model's DynamicBatcher;
@@ -96,15 +99,25 @@ class RefinementPipeline:
         version: str = "",
         noise_spacing: float = 0.0,
         seed: int = 0,
+        guide_masks: np.ndarray | None = None,
         deadline: float | None = None,
     ) -> RefineResult:
         """Refine ``coarse_masks`` ([N, H, W] or [H, W], {0, 1}) into fine uint8 [N, H, W] masks.
 
         ``stain`` ("he", "ihc"; empty = the model's) is checked against the refiner's stain.
         ``noise_spacing`` > 0 also returns noise labels; sample i uses ``seed + i``.
+        ``guide_masks`` (same shape, {0, 1}) is the region layout for refiners with a guide input.
         ``deadline`` is absolute ``time.monotonic()`` seconds, or None.
         """
         masks = as_mask_batch(coarse_masks)
+        guides = None
+        if guide_masks is not None:
+            guides = as_mask_batch(guide_masks, "guide_masks")
+            if guides.shape != masks.shape:
+                raise InvalidInputError(
+                    f"guide_masks: shape {list(guides.shape)} differs from coarse_masks {list(masks.shape)}; "
+                    "send one guide per coarse mask, same height and width"
+                )
         count, height, width = masks.shape
         if height * width > MAX_PIXELS_PER_MASK or count * height * width > MAX_PIXELS_PER_REQUEST:
             raise InvalidInputError(
@@ -116,24 +129,38 @@ class RefinementPipeline:
         check_seed(seed, masks.shape[0])
         served = await self.host.get(model or self.default_model, version or None)
         check_stain(served, stain)
+        channels = input_channels(served)
+        if guides is not None and "guide" not in channels:
+            raise InvalidInputError(
+                f"model {served.manifest.key} takes no guide_masks (its inputs are {channels}); "
+                "leave guide_masks unset or pick a refiner with a guide input (mask-refiner v2+)"
+            )
 
-        fine = await self.run_model(served, masks, deadline)
+        fine = await self.run_model(served, masks, deadline, guides=guides, seed=seed)
         noise = None
         if noise_spacing > 0:
             noise = await asyncio.to_thread(noise_labels, masks.shape, noise_spacing, seed)
         return RefineResult(fine_masks=fine, noise_labels=noise, model=served.ref)
 
     @staticmethod
-    async def run_model(served: ServedModel, masks: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def run_model(
+        served: ServedModel,
+        masks: np.ndarray,
+        deadline: float | None = None,
+        *,
+        guides: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
         """uint8 [N, H, W] {0, 1} masks -> uint8 [N, H, W] {0, 1} refined masks through ``served``."""
         metadata = served.metadata
+        channels = input_channels(served)
         multiple = required_multiple(metadata.get("size_multiple"), DEFAULT_REFINER_SIZE_MULTIPLE)
         threshold = float(metadata.get("threshold", 0.0))
         input_spec, output_spec = served.manifest.inputs[0], served.manifest.outputs[0]
         height, width = masks.shape[1:]
 
         def encode() -> np.ndarray:
-            encoded = np.where(masks != 0, np.float32(1.0), np.float32(-1.0))[:, None, :, :]
+            encoded = encode_input(channels, masks, guides, seed)
             return reflect_pad(encoded, multiple)[0].astype(input_spec.numpy_dtype, copy=False)
 
         # numpy work runs in worker threads so that large masks never stall the event loop.
@@ -141,6 +168,42 @@ class RefinementPipeline:
         outputs = await served.infer({input_spec.name: model_input}, deadline)
         fine = outputs[output_spec.name][:, 0, :height, :width]
         return await asyncio.to_thread(lambda: (fine > threshold).astype(np.uint8))
+
+
+def input_channels(served: ServedModel) -> list[str]:
+    """The refiner's input channel names from its manifest (v1 manifests predate the field: [coarse])."""
+    channels = [str(c) for c in served.metadata.get("input_channels") or ["coarse"]]
+    unknown = sorted(set(channels) - set(INPUT_CHANNELS))
+    if unknown or channels[0] != "coarse":
+        raise InvalidInputError(f"model {served.manifest.key} declares input channels {channels}, which this "
+                                f"server cannot build (known: {list(INPUT_CHANNELS)}, coarse first)")
+    return channels
+
+
+INPUT_CHANNELS = ("coarse", "guide", "noise")
+
+
+def encode_input(channels: list[str], masks: np.ndarray, guides: np.ndarray | None, seed: int) -> np.ndarray:
+    """float32 [N, C, H, W] refiner input in ``channels`` order (the training encoding, see module doc).
+
+    The noise channel is padded with the rest (reflect): the padded border then carries the same
+    statistics, and mask i's noise depends only on ``seed + i`` and its size.
+    """
+    count, height, width = masks.shape
+    planes: list[np.ndarray] = []
+    for channel in channels:
+        if channel == "coarse":
+            planes.append(np.where(masks != 0, np.float32(1.0), np.float32(-1.0)))
+        elif channel == "guide":
+            planes.append(np.zeros(masks.shape, np.float32) if guides is None
+                          else np.where(guides != 0, np.float32(1.0), np.float32(-1.0)))
+        else:
+            planes.append(np.stack([
+                # (seed + i, 1): a stream of its own, independent of the noise label drawn from seed + i
+                np.random.default_rng((seed + index, 1)).standard_normal((height, width), dtype=np.float32)
+                for index in range(count)
+            ]))
+    return np.stack(planes, axis=1)
 
 
 def noise_labels(shape: tuple[int, int, int], spacing: float, seed: int) -> np.ndarray:

@@ -42,8 +42,18 @@ class MaskRefinementServicer(mask_refinement_pb2_grpc.MaskRefinementServicer):
             allowed_ranks=(2, 3),
             layouts=MASK_LAYOUTS,
         )
+        guides = None
+        if request.HasField("guide_masks") and request.guide_masks.shape:
+            guides = tensor_to_array(
+                request.guide_masks,
+                "guide_masks",
+                allowed_dtypes=MASK_DTYPES,
+                allowed_ranks=(2, 3),
+                layouts=MASK_LAYOUTS,
+            )
         result = await self.pipeline.refine(
             masks,
+            guide_masks=guides,
             stain=request.stain,
             model=request.model,
             version=request.model_version,

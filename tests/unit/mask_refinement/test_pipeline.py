@@ -125,3 +125,62 @@ async def test_oversized_requests_are_refused_before_inference(pipeline: Refinem
         await pipeline.refine(np.zeros((1, 4097, 4096), np.uint8))
     with pytest.raises(InvalidInputError, match="16777216 per request"):
         await pipeline.refine(np.zeros((5, 2048, 2048), np.uint8))
+
+
+# ------------------------------------------------------------------ refiner v2: guide and noise channels
+
+V2_CHANNELS = ["coarse", "guide", "noise"]
+
+
+@pytest.fixture
+async def guided_pipeline(tmp_path: Path) -> AsyncIterator[RefinementPipeline]:
+    from tests.fixtures.service_models import write_refiner
+
+    write_refiner(tmp_path, "1", seed=3, input_channels=V2_CHANNELS)
+    async with ModelHost(ModelStore(tmp_path), ["refiner"]) as host:
+        yield RefinementPipeline(host)
+
+
+def test_encode_input_follows_the_manifest_channel_order() -> None:
+    from services.mask_refinement.pipeline import encode_input
+
+    masks = blob_masks(2, 8, 8)
+    guides = 1 - masks
+    encoded = encode_input(V2_CHANNELS, masks, guides, seed=4)
+    assert encoded.shape == (2, 3, 8, 8) and encoded.dtype == np.float32
+    assert np.array_equal(encoded[:, 0], np.where(masks != 0, 1.0, -1.0))
+    assert np.array_equal(encoded[:, 1], np.where(guides != 0, 1.0, -1.0))
+    # mask i's noise depends only on seed + i: sample 1 of seed 4 is sample 0 of seed 5
+    assert np.array_equal(encode_input(V2_CHANNELS, masks[1:], None, seed=5)[0, 2], encoded[1, 2])
+    # no guide = "unknown" = 0, as in training's guide dropout
+    assert not encode_input(V2_CHANNELS, masks, None, seed=4)[:, 1].any()
+
+
+async def test_guided_refiner_matches_onnx_runtime_by_hand(guided_pipeline: RefinementPipeline,
+                                                           tmp_path: Path) -> None:
+    from services.mask_refinement.pipeline import encode_input
+
+    masks, guides = blob_masks(2, 32, 48), blob_masks(2, 32, 48, seed=9)
+    result = await guided_pipeline.refine(masks, guide_masks=guides, seed=11)
+    session = ort.InferenceSession(str(tmp_path / REFINER_NAME / "1" / "model.onnx"))
+    padded, height, width = reflect_pad(encode_input(V2_CHANNELS, masks, guides, 11), REFINER_SIZE_MULTIPLE)
+    expected = (session.run(None, {"coarse": padded})[0][:, 0, :height, :width] > 0).astype(np.uint8)
+    assert np.array_equal(result.fine_masks, expected)
+
+
+async def test_guided_refiner_is_seeded_and_stochastic(guided_pipeline: RefinementPipeline) -> None:
+    masks = blob_masks(1, 64, 64)
+    first = (await guided_pipeline.refine(masks, seed=1)).fine_masks
+    again = (await guided_pipeline.refine(masks, seed=1)).fine_masks
+    other = (await guided_pipeline.refine(masks, seed=2)).fine_masks
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+async def test_guide_is_refused_by_a_refiner_without_a_guide_input(pipeline: RefinementPipeline) -> None:
+    with pytest.raises(InvalidInputError, match="takes no guide_masks"):
+        await pipeline.refine(blob_masks(1, 8, 8), guide_masks=blob_masks(1, 8, 8))
+
+
+async def test_guide_shape_must_match(guided_pipeline: RefinementPipeline) -> None:
+    with pytest.raises(InvalidInputError, match="guide_masks: shape \\[1, 8, 9\\] differs"):
+        await guided_pipeline.refine(blob_masks(1, 8, 8), guide_masks=np.zeros((1, 8, 9), np.uint8))
