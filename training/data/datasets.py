@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from services.core import mask_ops
 from training.data.augment import paired_augment
+from training.data.coarsening import Coarsening, coarsen
 from training.data.polygon_masks import PolygonSettings, polygon_mask
 from training.data.shared_layout import Record, Sample, load_sample
 
@@ -176,10 +177,14 @@ class PolygonMaskDataset(MaskToImageDataset):
 
 
 class CoarseToFineDataset(_RecordDataset):
-    """PriorPath (coarse, fine) tissue-mask pairs for the mask refiner, from random crops of all records.
+    """(coarse, fine) tissue-mask pairs for the mask refiner, from random crops of all records.
 
-    fine = mask_ops.tissue_mask(crop, stain); coarse = mask_ops.coarsen_mask(fine, open_size, close_size);
-    both float32 [1, h, w] with tissue = 1 and air = -1. Length is the virtual epoch size (records cycled).
+    fine = mask_ops.tissue_mask(crop, stain). coarse = one recipe of ``coarsenings`` drawn uniformly per item
+    (training.data.coarsening; default: PriorPath's opening 5x5 then closing 10x10). Masks are float32 [1, h, w]
+    with tissue = 1 and air = -1. With ``guide``, item["guide"] is the record's region annotation (GlaS glands:
+    +1 inside a gland, -1 outside), replaced by 0 ("unknown") with probability ``guide_dropout`` so one model
+    serves callers with and without a layout. With ``noise``, item["noise"] is N(0, 1) per pixel: the stochastic
+    input that lets one coarse mask yield several fine ones. Length is the virtual epoch size (records cycled).
     """
 
     def __init__(
@@ -193,22 +198,43 @@ class CoarseToFineDataset(_RecordDataset):
         length: int | None = None,
         *,
         cache: bool = False,
+        coarsenings: Sequence[Coarsening] | None = None,
+        guide: bool = False,
+        guide_dropout: float = 0.0,
+        noise: bool = False,
     ) -> None:
         super().__init__(records, seed, length, cache)
         mask_ops.tissue_threshold(stain)  # validate early
+        if not 0.0 <= guide_dropout <= 1.0:
+            raise ValueError(f"guide_dropout must be in [0, 1], got {guide_dropout}")
         self.crop = int(crop)
         self.stain = stain
         self.open_size = int(open_size)
         self.close_size = int(close_size)
+        self.coarsenings = tuple(coarsenings or ())
+        self.guide = guide
+        self.guide_dropout = float(guide_dropout)
+        self.noise = noise
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = self._check_index(index)
         sample = self._sample(index)
         rng, _ = _item_rng(self.seed, self.epoch, index)
-        (image,) = paired_augment([sample.image], self.crop, rng)
-        fine = mask_ops.tissue_mask(image, self.stain)
-        coarse = mask_ops.coarsen_mask(fine, self.open_size, self.close_size)
-        return {
+        arrays = [sample.image, (sample.class_map > 0).astype(np.uint8)] if self.guide else [sample.image]
+        augmented = paired_augment(arrays, self.crop, rng)
+        fine = mask_ops.tissue_mask(augmented[0], self.stain)
+        if self.coarsenings:
+            coarse = coarsen(fine, self.coarsenings[int(rng.integers(len(self.coarsenings)))])
+        else:
+            coarse = mask_ops.coarsen_mask(fine, self.open_size, self.close_size)
+        item = {
             "coarse": torch.from_numpy(np.where(coarse, 1.0, -1.0).astype(np.float32)[None]),
             "fine": torch.from_numpy(np.where(fine, 1.0, -1.0).astype(np.float32)[None]),
         }
+        if self.guide:
+            known = rng.random() >= self.guide_dropout
+            guide = np.where(augmented[1] > 0, 1.0, -1.0) if known else np.zeros(fine.shape)
+            item["guide"] = torch.from_numpy(guide.astype(np.float32)[None])
+        if self.noise:
+            item["noise"] = torch.from_numpy(rng.standard_normal(fine.shape, dtype=np.float32)[None])
+        return item

@@ -7,6 +7,7 @@ pix2pixHD - lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -134,6 +135,13 @@ class GanTrainer:
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------- shared machinery
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when `train.precision: bf16` (this CPU has AVX-512 BF16: bf16 matmul ~2.2x fp32);
+        weights, optimiser state and losses stay fp32."""
+        if self.train_cfg.get("precision", "fp32") == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _loader(self, dataset: Dataset) -> Iterator[Mapping[str, torch.Tensor]]:
         batch_size = int(self.train_cfg.get("batch_size", 1))
         epoch = self.state.step * batch_size // max(1, len(dataset))  # resume continues with fresh crops
