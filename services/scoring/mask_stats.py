@@ -506,17 +506,12 @@ class MaskSetComparison:
         return sum(c.synthetic_objects for c in self.classes)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (None, never NaN, for a mean over nothing)."""
-
-        def feature(f: FeatureComparison) -> dict[str, Any]:
-            return {"ks": f.ks_statistic, "ks_p": f.ks_pvalue, "js": f.js_divergence, "kl_smoothed": f.kl_smoothed,
-                    "real_n": f.real_n, "synthetic_n": f.synthetic_n, "real_mean": f.real_mean,
-                    "synthetic_mean": f.synthetic_mean}
-
+        """JSON-ready: the summary numbers, per class status / counts / means, and every comparison by
+        name under ``per_feature`` (None, never NaN, for a mean over nothing)."""
         return {
             "mean_ks": self.mean_ks, "mean_js": self.mean_js,
             "image_mean_ks": self.image_mean_ks, "image_mean_js": self.image_mean_js,
-            "real_masks": self.real_masks, "synthetic_masks": self.synthetic_masks,
+            "real_count": self.real_masks, "synthetic_count": self.synthetic_masks,
             "real_objects": self.real_objects, "synthetic_objects": self.synthetic_objects,
             "compared_classes": list(self.compared_classes), "missing_classes": list(self.missing_classes),
             "features_ks_p_below_0.05": int(sum(f.ks_pvalue < 0.05 for f in self.object_features)),
@@ -531,10 +526,15 @@ class MaskSetComparison:
                     "synthetic_masks_with_class": c.synthetic_masks_with_class,
                     "mean_ks": c.mean_ks, "mean_js": c.mean_js,
                     "image_mean_ks": c.image_mean_ks, "image_mean_js": c.image_mean_js,
-                    "objects": {f.feature: feature(f) for f in c.objects},
-                    "image": {f.feature: feature(f) for f in c.image},
                 }
                 for c in self.classes
+            },
+            "per_feature": {
+                f.name: {"group": f.group, "class_id": f.class_id, "feature": f.feature, "ks": f.ks_statistic,
+                         "ks_p": f.ks_pvalue, "js": f.js_divergence, "kl_smoothed": f.kl_smoothed,
+                         "real_n": f.real_n, "synthetic_n": f.synthetic_n, "real_mean": f.real_mean,
+                         "synthetic_mean": f.synthetic_mean}
+                for f in self.features
             },
         }
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from services.scoring import mask_stats
 from training.experiments import coarse_to_fine
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
@@ -38,8 +39,12 @@ def test_quick_experiment_writes_a_report(tmp_path: Path) -> None:
     for name in sets:
         masks = results["mask_scores_vs_real_b"][name]
         assert masks["real_count"] == half and masks["synthetic_count"] == half
-        assert len(masks["per_feature"]) == 12  # 6 mask_stats features x classes {0, 1}
-        assert 0.0 <= masks["mean_ks"] <= 1.0 and masks["mean_kl"] >= 0.0
+        # Tissue (class 1) only, border objects measured as cut: 9 object features + 2 image features.
+        assert masks["classes"]["1"]["status"] == "compared" and masks["include_border_objects"] is True
+        assert len(masks["per_feature"]) == len(mask_stats.OBJECT_FEATURES) + len(mask_stats.IMAGE_FEATURES)
+        assert all(name.endswith("/class_1") for name in masks["per_feature"])
+        assert 0.0 <= masks["mean_ks"] <= 1.0 and 0.0 <= masks["mean_js"] <= 1.0
+        assert masks["real_objects"] > 0 and masks["synthetic_objects"] > 0
         images = results["image_scores_vs_real_b"][name]
         assert np.isfinite(images["fid"]) and images["extractor"]["name"] == "histology-encoder"
     # The noise baseline is thresholded to real half A's tissue fraction.

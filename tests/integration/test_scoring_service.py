@@ -28,6 +28,7 @@ from tests.fixtures.scoring_models import (
 )
 from tests.fixtures.service_models import RENDERER_NAME
 from tests.integration.conftest import LiveServer, live_server
+from training.experiments.report import mask_scores_to_dict
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -281,6 +282,8 @@ async def test_score_masks_shapes_over_grpc_match_the_library(scoring_server: Li
     assert extent.ks_statistic == 1.0 and extent.real_mean == 1.0 and extent.synthetic_mean < 0.9
     assert (extent.real_n, extent.synthetic_n) == (4, 4)
     assert 0.0 < extent.js_divergence <= 1.0
+    # The experiments' dict of the wire message is the library's own summary.
+    assert mask_scores_to_dict(response) == expected.as_dict()
 
 
 async def test_score_segmentation_and_tps(scoring_server: LiveServer) -> None:

@@ -16,8 +16,10 @@ the same size as B, so FID (biased upwards at small N) compares across rows:
   * coarse A        — baseline 1: the coarse masks as they are;
   * noise blobs     — baseline 2: random smooth blobs from noise only (see ``blob_masks``), thresholded to the
                       mean tissue fraction of real half A.
-Metrics per set vs real B: PriorPath per-feature KS statistic and KL divergence via the scoring service's
-ScoreMasks RPC (services/scoring/mask_stats.py features, classes 0 = air and 1 = tissue), and FID / KID /
+Metrics per set vs real B: PriorPath shape statistics via the scoring service's ScoreMasks RPC
+(services/scoring/mask_stats.py: per-object features of the tissue class 1 pooled over the set — area,
+perimeter, equivalent diameter, eccentricity, axis ratio, solidity, extent, holes, hole fraction — compared by KS
+and Jensen-Shannon divergence; per-mask tissue fraction and object count as a separate image group), and FID / KID /
 precision / recall of the masks as 3-channel 0/255 images via training.experiments.report.ScoringSession
 (the shipped histology-encoder, trained on H&E images, so FID on binary masks is a relative measure only).
 Also paired pixel agreement / tissue IoU of refined and coarse A with their own real fine masks.
@@ -55,7 +57,12 @@ REFINER: Final = "mask-refiner"
 # baseline spans speckle-sized to gland-sized blobs instead of betting on one scale.
 BLOB_SIGMAS: Final = (2.0, 4.0, 8.0, 16.0)
 REFINE_BATCH: Final = 16
-MASK_CLASSES: Final = (0, 1)
+# Tissue only: in these binary masks air (0) is the complement of tissue, and the air regions inside tissue are
+# the tissue objects' holes (holes, hole_fraction), so describing class 0 too would count them twice.
+MASK_CLASSES: Final = (1,)
+# Tissue regions are large next to a crop and most of them touch its border, so excluding border objects would
+# leave only small islands; every set is cut to the same crop size, so the cut shapes compare like with like.
+MASK_BORDER_OBJECTS: Final = True
 SET_ORDER: Final = ("real_a", "refined_a", "coarse_a", "noise_blobs")
 SET_LABELS: Final = {
     "real_a": "real (half A) — reference floor",
@@ -188,7 +195,9 @@ def run(data_root: Path, out: Path, settings: Settings, quick: bool, store: Path
     reference = fine[half_b]
     options = ScoreOptions(seed=settings.seed, fid_bootstrap=settings.fid_bootstrap)
     with ScoringSession(store, config) as scorer:
-        mask_scores = {name: scorer.score_masks(reference, masks, MASK_CLASSES) for name, masks in sets.items()}
+        mask_scores = {name: scorer.score_masks(reference, masks, MASK_CLASSES,
+                                                include_border_objects=MASK_BORDER_OBJECTS)
+                       for name, masks in sets.items()}
         image_scores = {name: scorer.score(as_mask_images(reference), as_mask_images(masks), options)
                         for name, masks in sets.items()}
 
@@ -257,26 +266,46 @@ def _ci(scores: Mapping[str, Any]) -> str:
     return f" [{ci['low']:.2f}, {ci['high']:.2f}]" if ci else ""
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _below(a: float | None, *others: float | None) -> bool:
+    return a is not None and all(o is None or a < o for o in others)
+
+
 def readme(results: Mapping[str, Any]) -> str:
     data = results["data"]
     masks, images = results["mask_scores_vs_real_b"], results["image_scores_vs_real_b"]
     extractor = images["real_a"]["extractor"]
-    rows = [[SET_LABELS[name], masks[name]["synthetic_count"], masks[name]["mean_ks"], masks[name]["mean_kl"],
-             f"{masks[name]['features_ks_p_below_0.05']} / {len(masks[name]['per_feature'])}",
+    rows = [[SET_LABELS[name], masks[name]["synthetic_count"], masks[name]["synthetic_objects"],
+             _num(masks[name]["mean_ks"]), _num(masks[name]["mean_js"]), _num(masks[name]["image_mean_ks"]),
+             _num(masks[name]["image_mean_js"]),
+             f"{masks[name]['features_ks_p_below_0.05']} / "
+             f"{sum(f['group'] == 'object' for f in masks[name]['per_feature'].values())}",
              f"{images[name]['fid']:.2f}{_ci(images[name])}", f"{images[name]['kid_mean']:.4f}",
              images[name]["precision"], images[name]["recall"],
              results["tissue_fraction"][name]["mean"]] for name in SET_ORDER]
-    features = sorted(masks["real_a"]["per_feature"])
-    per_feature = [[name, *[masks[s]["per_feature"][name]["ks"] for s in SET_ORDER],
-                    *[masks[s]["per_feature"][name]["kl"] for s in SET_ORDER]] for name in features]
-    refined_better_ks = sum(masks["refined_a"]["per_feature"][f]["ks"] < masks["coarse_a"]["per_feature"][f]["ks"]
-                            for f in features)
+    features = sorted({f for name in SET_ORDER for f in masks[name]["per_feature"]},
+                      key=lambda f: (not f.startswith("object/"), f))
+
+    def cell(name: str, feature: str, key: str) -> str:
+        found = masks[name]["per_feature"].get(feature)
+        return "n/a" if found is None else f"{found[key]:.3f}"
+
+    per_feature = [[name, *[cell(s, name, "ks") for s in SET_ORDER], *[cell(s, name, "js") for s in SET_ORDER]]
+                   for name in features]
+    object_features = [f for f in features if f.startswith("object/")]
+    refined_better_ks = sum(
+        f in masks["refined_a"]["per_feature"] and f in masks["coarse_a"]["per_feature"]
+        and masks["refined_a"]["per_feature"][f]["ks"] < masks["coarse_a"]["per_feature"][f]["ks"]
+        for f in object_features)
     paired = results["paired_with_own_real_fine"]
     ref, cor, blob, floor = (masks[k] for k in ("refined_a", "coarse_a", "noise_blobs", "real_a"))
     fid = {k: images[k]["fid"] for k in SET_ORDER}
-    closer = ref["mean_ks"] < min(cor["mean_ks"], blob["mean_ks"]) and ref["mean_kl"] < min(
-        cor["mean_kl"], blob["mean_kl"]) and fid["refined_a"] < min(fid["coarse_a"], fid["noise_blobs"])
-    verdict = "closer to the real masks than both baselines on mean KS, mean KL and FID" if closer else \
+    closer = _below(ref["mean_ks"], cor["mean_ks"], blob["mean_ks"]) and _below(
+        ref["mean_js"], cor["mean_js"], blob["mean_js"]) and fid["refined_a"] < min(fid["coarse_a"], fid["noise_blobs"])
+    verdict = "closer to the real masks than both baselines on mean KS, mean JS and FID" if closer else \
         "NOT closer to the real masks than both baselines on every metric"
     ci_ref, ci_cor = images["refined_a"].get("fid_ci"), images["coarse_a"].get("fid_ci")
     overlap = bool(ci_ref and ci_cor and ci_ref["low"] <= ci_cor["high"] and ci_cor["low"] <= ci_ref["high"])
@@ -285,14 +314,18 @@ def readme(results: Mapping[str, Any]) -> str:
               f"and the refiner changes only {changed:.1%} of its input pixels, i.e. the shipped refiner is close to "
               "an identity map here and adds little fine structure (see the grid)." if overlap else
               f"The refiner changes {changed:.1%} of its input pixels.")
+    missing = {k: masks[k]["missing_classes"] for k in SET_ORDER if masks[k]["missing_classes"]}
+    missing_note = (f" Sets with a class that has objects on one side only (no object statistics for it): {missing}."
+                    if missing else "")
     return f"""## Summary
 
 Refined masks (the shipped `{results['refiner']['name']}` v{results['refiner']['version']} through the refinement
-service) are {verdict}: mean KS {ref['mean_ks']:.3f} / mean KL {ref['mean_kl']:.3f} / FID {fid['refined_a']:.1f}
-vs coarse-as-is {cor['mean_ks']:.3f} / {cor['mean_kl']:.3f} / {fid['coarse_a']:.1f} and noise-only blobs
-{blob['mean_ks']:.3f} / {blob['mean_kl']:.3f} / {fid['noise_blobs']:.1f}; the real-vs-real floor is
-{floor['mean_ks']:.3f} / {floor['mean_kl']:.3f} / {fid['real_a']:.1f}. Refined beats coarse on the KS of
-{refined_better_ks} of {len(features)} mask features. {margin} Paired with their own real fine masks, refined
+service) are {verdict}: per-object shape statistics mean KS {_num(ref['mean_ks'])} / mean JS
+{_num(ref['mean_js'])} bits / FID {fid['refined_a']:.1f} vs coarse-as-is {_num(cor['mean_ks'])} /
+{_num(cor['mean_js'])} / {fid['coarse_a']:.1f} and noise-only blobs {_num(blob['mean_ks'])} / {_num(blob['mean_js'])}
+/ {fid['noise_blobs']:.1f}; the real-vs-real floor is {_num(floor['mean_ks'])} / {_num(floor['mean_js'])} /
+{fid['real_a']:.1f}. Refined beats coarse on the KS of {refined_better_ks} of {len(object_features)} object
+features.{missing_note} {margin} Paired with their own real fine masks, refined
 masks agree on {paired['refined_a']['pixel_agreement']:.3f} of pixels (tissue IoU
 {paired['refined_a']['tissue_iou']:.3f}) vs {paired['coarse_a']['pixel_agreement']:.3f}
 ({paired['coarse_a']['tissue_iou']:.3f}) for the coarse masks.
@@ -308,9 +341,16 @@ masks agree on {paired['refined_a']['pixel_agreement']:.3f} of pixels (tissue Io
   Runtime), model sha256 `{results['refiner']['sha256'][:16]}…`.
 - Noise blobs: {data['noise_blobs']['recipe']} (f = {data['noise_blobs']['tissue_fraction_f']:.3f}, seed
   {data['noise_blobs']['seed']}).
-- KS / KL: `Scoring.ScoreMasks` (services/scoring/mask_stats.py: area fraction, component count, mean / median /
-  max component size, boundary per area, for class 0 = air and class 1 = tissue; 8-connectivity; KL(real || set)
-  over 20 shared bins). Means are over the {len(features)} features.
+- KS / JS: `Scoring.ScoreMasks` (services/scoring/mask_stats.py). Every tissue object (class 1, 8-connected region)
+  of every mask of a set is measured with skimage regionprops — area, perimeter, equivalent diameter,
+  eccentricity, minor/major axis ratio, solidity, extent, holes, hole fraction (air enclosed by tissue) — and the
+  pooled objects of a set are compared with those of real half B: two-sample KS and the Jensen-Shannon divergence
+  (bits, in [0, 1]; finite with empty bins) on {ref['bins']} bins shared by both sets over their pooled range (of
+  log(1 + x) for sizes and counts). Air (class 0) is not described: in a binary mask it is the complement of the
+  tissue, and air inside tissue is the holes. Objects touching the crop border are INCLUDED, measured as cut
+  (tissue regions are large next to a crop; every set has the same crop size). "Image" columns: the same tests
+  on one value per mask (tissue fraction, object count). Means are over the
+  {len(object_features)} object features; the smoothed KL (add-one) is in report.json.
 - FID / KID / precision / recall: masks as 3-channel 0/255 images through `ScoringSession` (ScoreImageStream),
   extractor `{extractor['name']}` v{extractor['version']} (standard_fid = {extractor['standard_fid']}): an encoder
   trained on H&E images, so FID on binary masks is a RELATIVE measure between these rows, not comparable with the
@@ -318,14 +358,16 @@ masks agree on {paired['refined_a']['pixel_agreement']:.3f} of pixels (tissue Io
 
 ## Results (vs real half B)
 
-{table(['set', 'N', 'mean KS', 'mean KL (nats)', 'features KS p<0.05', 'FID [95% CI]', 'KID', 'precision',
-        'recall', 'tissue fraction'], rows)}
+{table(['set', 'N masks', 'tissue objects', 'mean KS (objects)', 'mean JS (objects, bits)', 'mean KS (image)',
+        'mean JS (image)', 'object features KS p<0.05', 'FID [95% CI]', 'KID', 'precision', 'recall',
+        'tissue fraction'], rows)}
+Tissue objects in real half B: {ref['real_objects']}.
 Real half B tissue fraction: {results['tissue_fraction']['real_b']['mean']:.3f}.
 
-Per-feature KS (first four columns) and KL (last four), same set order as above:
+Per-feature KS (first four columns) and JS in bits (last four), same set order as above:
 
-{table(['feature', 'KS real A', 'KS refined', 'KS coarse', 'KS blobs', 'KL real A', 'KL refined', 'KL coarse',
-        'KL blobs'], per_feature)}
+{table(['feature', 'KS real A', 'KS refined', 'KS coarse', 'KS blobs', 'JS real A', 'JS refined', 'JS coarse',
+        'JS blobs'], per_feature)}
 ![real H&E crop | real fine mask | coarse | refined | noise blob](grid.png)
 
 Grid columns: H&E crop (half A) | its real fine mask | coarse mask | refined mask | a noise-only blob mask.
@@ -340,8 +382,8 @@ Grid columns: H&E crop (half A) | its real fine mask | coarse mask | refined mas
 - The held-back split is small ({data['test_tiles']} tile(s) of one patient): crops overlap and are correlated, so the
   effective sample is much smaller than N and KS p-values overstate the evidence. The real-vs-real row is the
   spread of re-cropping the same tissue, a lower bound.
-- The paper's KS/KL features are unspecified; ours are listed above, so absolute numbers are not comparable with
-  the paper's Table 2 — only the ordering of the rows is.
+- The paper's KS/KL features are unspecified; ours are listed above (and we report JS instead of KL), so absolute
+  numbers are not comparable with the paper's Table 2 — only the ordering of the rows is.
 """
 
 
@@ -365,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(args.data_root, args.out, settings, args.quick, args.store, command)
     masks, images = results["mask_scores_vs_real_b"], results["image_scores_vs_real_b"]
     for name in SET_ORDER:
-        print(f"{name:12s} mean KS {masks[name]['mean_ks']:.3f}  mean KL {masks[name]['mean_kl']:.3f}  "
+        print(f"{name:12s} mean KS {_num(masks[name]['mean_ks'])}  mean JS {_num(masks[name]['mean_js'])}  "
               f"FID {images[name]['fid']:.2f}  KID {images[name]['kid_mean']:.4f}")
     return 0
 

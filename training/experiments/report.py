@@ -200,23 +200,57 @@ class ScoringSession:
         return scores_to_dict(response)
 
     def score_masks(self, real: np.ndarray, synthetic: np.ndarray, class_ids: Sequence[int] = (),
-                    connectivity: int = 8, kl_bins: int = 20) -> dict[str, Any]:
-        """ScoreMasks (PriorPath): per-feature KS statistic / p-value and KL(real || synthetic) of two mask sets."""
+                    connectivity: int = 8, bins: int = 20, include_background: bool = False,
+                    include_border_objects: bool = False) -> dict[str, Any]:
+        """ScoreMasks (PriorPath shape statistics): per class, KS / Jensen-Shannon of pooled per-object features
+        and of per-mask image features; the dict has the shape of services.scoring.mask_stats
+        MaskSetComparison.as_dict()."""
         assert self._channel is not None, "use ScoringSession as a context manager"
         response = scoring_pb2_grpc.ScoringStub(self._channel).ScoreMasks(scoring_pb2.ScoreMasksRequest(
             real_masks=array_to_tensor(np.ascontiguousarray(real, np.uint8)),
             synthetic_masks=array_to_tensor(np.ascontiguousarray(synthetic, np.uint8)),
-            class_ids=list(class_ids), connectivity=connectivity, kl_bins=kl_bins), timeout=600)
-        features = {f.name: {"ks": f.ks_statistic, "ks_p": f.ks_pvalue, "kl": f.kl_divergence,
-                             "real_mean": f.real_mean, "synthetic_mean": f.synthetic_mean} for f in response.features}
-        return {
-            "mean_ks": float(np.mean([f["ks"] for f in features.values()])),
-            "mean_kl": float(np.mean([f["kl"] for f in features.values()])),
-            "features_ks_p_below_0.05": int(sum(f["ks_p"] < 0.05 for f in features.values())),
-            "real_count": int(response.real_count),
-            "synthetic_count": int(response.synthetic_count),
-            "per_feature": features,
-        }
+            class_ids=list(class_ids), connectivity=connectivity, bins=bins, include_background=include_background,
+            include_border_objects=include_border_objects), timeout=600)
+        return mask_scores_to_dict(response)
+
+
+def mask_scores_to_dict(response: Any) -> dict[str, Any]:
+    """A MaskScores message as the dict MaskSetComparison.as_dict() writes (None for an unset mean)."""
+
+    def optional(message: Any, name: str) -> float | None:
+        return getattr(message, name) if message.HasField(name) else None
+
+    object_features = [f for f in response.features if f.group == "object"]
+    return {
+        "mean_ks": optional(response, "mean_ks"), "mean_js": optional(response, "mean_js"),
+        "image_mean_ks": response.image_mean_ks, "image_mean_js": response.image_mean_js,
+        "real_count": int(response.real_count), "synthetic_count": int(response.synthetic_count),
+        "real_objects": int(response.real_objects), "synthetic_objects": int(response.synthetic_objects),
+        "compared_classes": [c.class_id for c in response.classes if c.status == "compared"],
+        "missing_classes": list(response.missing_class_ids),
+        "features_ks_p_below_0.05": int(sum(f.ks_pvalue < 0.05 for f in object_features)),
+        "bins": int(response.bins), "connectivity": int(response.connectivity),
+        "include_border_objects": bool(response.include_border_objects),
+        "classes": {
+            str(c.class_id): {
+                "status": c.status, "real_objects": int(c.real_objects), "synthetic_objects": int(c.synthetic_objects),
+                "real_border_objects": int(c.real_border_objects),
+                "synthetic_border_objects": int(c.synthetic_border_objects),
+                "real_masks_with_class": int(c.real_masks_with_class),
+                "synthetic_masks_with_class": int(c.synthetic_masks_with_class),
+                "mean_ks": optional(c, "mean_ks"), "mean_js": optional(c, "mean_js"),
+                "image_mean_ks": c.image_mean_ks, "image_mean_js": c.image_mean_js,
+            }
+            for c in response.classes
+        },
+        "per_feature": {
+            f.name: {"group": f.group, "class_id": f.class_id, "feature": f.feature, "ks": f.ks_statistic,
+                     "ks_p": f.ks_pvalue, "js": f.js_divergence, "kl_smoothed": f.kl_divergence,
+                     "real_n": int(f.real_n), "synthetic_n": int(f.synthetic_n), "real_mean": f.real_mean,
+                     "synthetic_mean": f.synthetic_mean}
+            for f in response.features
+        },
+    }
 
 
 def scores_to_dict(scores: Any) -> dict[str, Any]:

@@ -208,7 +208,9 @@ def test_missing_class_is_reported_with_counts_not_zeros() -> None:
     assert area_fraction_2.ks_statistic == 1.0 and area_fraction_2.js_divergence == 1.0
     summary = result.as_dict()
     assert summary["missing_classes"] == [2] and summary["classes"]["2"]["mean_js"] is None
-    assert summary["classes"]["2"]["real_objects"] == 3 and summary["classes"]["2"]["objects"] == {}
+    assert summary["classes"]["2"]["real_objects"] == 3 and summary["classes"]["2"]["status"] == "missing_in_synthetic"
+    assert not any(name.startswith("object/") and name.endswith("class_2") for name in summary["per_feature"])
+    assert summary["per_feature"]["image/area_fraction/class_2"]["ks"] == 1.0
 
 
 def test_compare_needs_matching_feature_sets() -> None:
