@@ -16,8 +16,9 @@ does) and compared with the real crops of the same places:
     synthetic crops of half A vs the real crops of half B at the same sample size, so the scores have scale
     (FID is biased upwards at small N, so only numbers at equal N compare).
 Mask refiner: crops of its test tiles; real fine mask = tissue_mask(crop), coarse = coarsen_mask(fine) with
-the manifest's coarsening (its training recipe); PriorPath-style per-feature KS statistic and KL divergence
-(services.scoring.mask_stats) of refined vs real fine masks, next to the coarse masks as they are.
+the manifest's coarsening (its training recipe); PriorPath-style shape statistics (services.scoring.mask_stats:
+per-object tissue features pooled over the crops, KS and Jensen-Shannon divergence) of refined vs real fine masks,
+next to the coarse masks as they are.
 
 Results go to bench/results/model_eval/<model>.json; ``--update-store`` (the default for the CLI) also writes
 the headline numbers into the model's manifest ``metrics`` (eval_* keys) and MODEL_CARD.md "Scores" section.
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import yaml
@@ -340,15 +341,17 @@ def _settings_dict(settings: EvalSettings) -> dict[str, Any]:
             "pr_k": settings.pr_k}
 
 
-def _ks_kl_summary(real: mask_stats.MaskFeatureTable, other: mask_stats.MaskFeatureTable) -> dict[str, Any]:
-    ks = mask_stats.ks_per_feature(real, other)
-    kl = mask_stats.kl_per_feature(real, other)
-    return {
-        "mean_ks": float(np.mean([r.statistic for r in ks.values()])),
-        "mean_kl": float(np.mean(list(kl.values()))),
-        "features_ks_p_below_0.05": int(sum(r.pvalue < 0.05 for r in ks.values())),
-        "per_feature": {name: {"ks": ks[name].statistic, "ks_p": ks[name].pvalue, "kl": kl[name]} for name in ks},
-    }
+# Shape statistics of binary tissue masks: tissue objects only (air is the complement of tissue, and air inside
+# tissue is the tissue objects' holes), objects touching the crop border measured as cut (tissue regions are large
+# next to a crop, so excluding them would leave only small islands; every set has the same crop size).
+TISSUE_MASK_CLASSES: Final = (1,)
+TISSUE_BORDER_OBJECTS: Final = True
+
+
+def tissue_shape_scores(real: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """mask_stats shape statistics of binary tissue masks ``other`` vs ``real`` (MaskSetComparison.as_dict())."""
+    return mask_stats.score_mask_sets(real, other, TISSUE_MASK_CLASSES,
+                                      include_border_objects=TISSUE_BORDER_OBJECTS).as_dict()
 
 
 async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings: EvalSettings) -> dict[str, Any]:
@@ -374,13 +377,9 @@ async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings
     refine_seconds = time.perf_counter() - started
 
     def tables() -> dict[str, Any]:
-        classes = (0, 1)
-        real_table = mask_stats.mask_feature_table(fine, classes)
-        refined_table = mask_stats.mask_feature_table(refined, classes)
-        coarse_table = mask_stats.mask_feature_table(coarse, classes)
         return {
-            "refined_vs_real_fine": _ks_kl_summary(real_table, refined_table),
-            "coarse_vs_real_fine": _ks_kl_summary(real_table, coarse_table),
+            "refined_vs_real_fine": tissue_shape_scores(fine, refined),
+            "coarse_vs_real_fine": tissue_shape_scores(fine, coarse),
             "pixel_agreement": {
                 "refined_vs_fine": float(np.mean(refined == fine)),
                 "coarse_vs_fine": float(np.mean(coarse == fine)),
@@ -404,8 +403,9 @@ async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings
         "notes": [
             _sample_notes(held, len(crops.images))[0] + " KS p-values overstate the evidence.",
             *_sample_notes(held, len(crops.images))[2:],
-            "KS/KL per mask_stats feature (classes 0 = air, 1 = tissue); lower = closer to the real fine masks. "
-            "KL uses 20 shared bins per feature.",
+            "Shape statistics (services/scoring/mask_stats.py): per-object features of tissue (class 1) objects "
+            "pooled over the crops, border objects measured as cut; mean KS and mean Jensen-Shannon divergence "
+            "(bits, 20 shared bins) over the object features; lower = closer to the real fine masks.",
         ],
     }
 
@@ -442,15 +442,22 @@ def headline_metrics(result: Mapping[str, Any]) -> dict[str, Any]:
         }
     refined = result["scores"]["refined_vs_real_fine"]
     coarse = result["scores"]["coarse_vs_real_fine"]
+    shape = {  # a mean over no compared object is left out rather than written as null
+        key: value for key, value in (
+            ("eval_mean_ks_refined", _round(refined["mean_ks"])), ("eval_mean_js_refined", _round(refined["mean_js"])),
+            ("eval_mean_ks_coarse", _round(coarse["mean_ks"])), ("eval_mean_js_coarse", _round(coarse["mean_js"])))
+        if value is not None
+    }
     return {
         **base,
-        "eval_mean_ks_refined": round(refined["mean_ks"], 4),
-        "eval_mean_kl_refined": round(refined["mean_kl"], 4),
-        "eval_mean_ks_coarse": round(coarse["mean_ks"], 4),
-        "eval_mean_kl_coarse": round(coarse["mean_kl"], 4),
+        **shape,
         "eval_pixel_agreement_refined": round(result["scores"]["pixel_agreement"]["refined_vs_fine"], 4),
         "eval_pixel_agreement_coarse": round(result["scores"]["pixel_agreement"]["coarse_vs_fine"], 4),
     }
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -497,20 +504,28 @@ def scores_section(result: Mapping[str, Any], command: str) -> str:
     else:
         s = result["scores"]
         lines += [
-            "PriorPath-style mask statistics (services/scoring/mask_stats.py), mean over features; lower = closer "
-            "to the real fine masks:",
+            "PriorPath-style shape statistics (services/scoring/mask_stats.py: tissue objects pooled over the "
+            "crops, border objects measured as cut), means over the object features; lower = closer to the real "
+            "fine masks:",
             "",
-            "| masks vs real fine masks | mean KS | mean KL (nats) | features with KS p < 0.05 | pixel agreement |",
-            "|---|---|---|---|---|",
+            "| masks vs real fine masks | tissue objects | mean KS | mean JS (bits) | object features with KS p < 0.05 "
+            "| pixel agreement |",
+            "|---|---|---|---|---|---|",
         ]
         for key, label, agree in (("refined_vs_real_fine", "refined (model output)", "refined_vs_fine"),
                                   ("coarse_vs_real_fine", "coarse input as is", "coarse_vs_fine")):
             row = s[key]
-            lines.append(f"| {label} | {row['mean_ks']:.3f} | {row['mean_kl']:.3f} | "
-                         f"{row['features_ks_p_below_0.05']} / {len(row['per_feature'])} | "
+            objects = sum(f["group"] == "object" for f in row["per_feature"].values())
+            lines.append(f"| {label} | {row['synthetic_objects']} (real {row['real_objects']}) | "
+                         f"{_fmt3(row['mean_ks'])} | {_fmt3(row['mean_js'])} | "
+                         f"{row['features_ks_p_below_0.05']} / {objects} | "
                          f"{s['pixel_agreement'][agree]:.3f} |")
     lines += ["", "Caveats: " + " ".join(result["notes"]), ""]
     return "\n".join(lines)
+
+
+def _fmt3(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def replace_scores_section(card: str, section: str) -> str:

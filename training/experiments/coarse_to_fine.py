@@ -48,7 +48,14 @@ from services.core import mask_ops
 from services.core.config import ServerConfig
 from services.core.model_store import ModelManifest, ModelStore
 from training.data.shared_layout import load_records
-from training.evaluate import HeldBack, Source, held_back, sample_crops
+from training.evaluate import (
+    TISSUE_BORDER_OBJECTS,
+    TISSUE_MASK_CLASSES,
+    HeldBack,
+    Source,
+    held_back,
+    sample_crops,
+)
 from training.experiments.report import REPO_ROOT, ExperimentReport, ScoreOptions, ScoringSession, table
 
 EXPERIMENT: Final = "coarse-to-fine"
@@ -57,12 +64,10 @@ REFINER: Final = "mask-refiner"
 # baseline spans speckle-sized to gland-sized blobs instead of betting on one scale.
 BLOB_SIGMAS: Final = (2.0, 4.0, 8.0, 16.0)
 REFINE_BATCH: Final = 16
-# Tissue only: in these binary masks air (0) is the complement of tissue, and the air regions inside tissue are
-# the tissue objects' holes (holes, hole_fraction), so describing class 0 too would count them twice.
-MASK_CLASSES: Final = (1,)
-# Tissue regions are large next to a crop and most of them touch its border, so excluding border objects would
-# leave only small islands; every set is cut to the same crop size, so the cut shapes compare like with like.
-MASK_BORDER_OBJECTS: Final = True
+# Shape statistics as in training.evaluate: tissue objects only (air is the complement of tissue and air inside
+# tissue is the holes), border objects measured as cut (tissue regions are large next to a crop).
+MASK_CLASSES: Final = TISSUE_MASK_CLASSES
+MASK_BORDER_OBJECTS: Final = TISSUE_BORDER_OBJECTS
 SET_ORDER: Final = ("real_a", "refined_a", "coarse_a", "noise_blobs")
 SET_LABELS: Final = {
     "real_a": "real (half A) — reference floor",

@@ -12,8 +12,8 @@
      the real crops through the scoring service (ScoringSession, shipped histology-encoder). `--compare` scores
      another renderer run (the concatenation baseline) on the same crops/seed.
    - mask generator: condition = each real crop's multi-hot type vector; generated masks are decoded
-     (diffusion_data.decode_mask) and compared with the real class maps by the KS/KL mask statistics
-     (services/scoring/mask_stats); requested-type hit rates; with `--renderer-run` the decoded masks are also
+     (diffusion_data.decode_mask) and compared with the real class maps by the per-object shape statistics
+     (services/scoring/mask_stats: KS / Jensen-Shannon per class); requested-type hit rates; with `--renderer-run` the decoded masks are also
      rendered (mask AND image from nothing) and scored by FID/KID.
 3. Exports the EMA denoiser to ONNX (sample/timestep/condition -> model_output, dynamic batch/height/width) with a
    torch-vs-ONNX-Runtime parity check (2 sizes x batch 1 and 3, per-row random timesteps), writes manifest.yaml
@@ -146,13 +146,13 @@ def type_hit_rates(requested: np.ndarray, generated_maps: Sequence[np.ndarray]) 
 
 def mask_statistics(real_maps: Sequence[np.ndarray], synth_maps: Sequence[np.ndarray]) -> dict[str, Any]:
     class_ids = list(range(1, dd.NUM_CLASSES))
-    real = mask_stats.mask_feature_table(real_maps, class_ids)
-    synth = mask_stats.mask_feature_table(synth_maps, class_ids)
-    ks = mask_stats.ks_per_feature(real, synth)
-    kl = mask_stats.kl_per_feature(real, synth)
-    per_feature = {name: {"ks": ks[name].statistic, "ks_pvalue": ks[name].pvalue, "kl": kl[name]} for name in ks}
-    return {"ks_mean": float(np.mean([v.statistic for v in ks.values()])),
-            "kl_mean": float(np.mean(list(kl.values()))), "per_feature": per_feature}
+    # Every type class (background 0 left out); objects touching the crop border are left out of the object
+    # features (mask_stats' default: a cut nucleus is not a nucleus shape) and counted.
+    return mask_stats.score_mask_sets(real_maps, synth_maps, class_ids).as_dict()
+
+
+def _mean_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def instance_counts(instance_maps: Sequence[np.ndarray], min_pixels: int = dd.DECODE_MIN_INSTANCE_PIXELS) -> dict[str, float]:
@@ -372,11 +372,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             synth_maps = [d[0] for d in decoded]
             stats = mask_statistics(real_maps, synth_maps)
             hits = type_hit_rates(requested, synth_maps)
-            metrics["scores"] = {"ks_mean": stats["ks_mean"], "kl_mean": stats["kl_mean"], "type_hits": hits,
+            metrics["scores"] = {"ks_mean": stats["mean_ks"], "js_mean": stats["mean_js"],
+                                 "image_ks_mean": stats["image_mean_ks"], "image_js_mean": stats["image_mean_js"],
+                                 "objects": {"real": stats["real_objects"], "generated": stats["synthetic_objects"]},
+                                 "missing_classes": stats["missing_classes"], "type_hits": hits,
                                  "instances_per_crop": {"real": instance_counts([c[2] for c in crops]),
                                                         "generated": instance_counts([d[1] for d in decoded])},
                                  "sampling_seconds": round(sampling_seconds, 1)}
             metrics["mask_stats_per_feature"] = stats["per_feature"]
+            metrics["mask_stats_per_class"] = stats["classes"]
             rows = [[to_rgb((c[1], dd.instance_boundary(c[2]))), colorize_mask(s)] for c, s in zip(crops[:8], samples)]
             chain = ""
             if args.renderer_run is not None:
@@ -403,7 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"KID {floor['kid_mean']:.4f} ± {floor['kid_std']:.4f} - with three source tiles per split the "
                          f"between-tile distance alone is that large.")
             grid = make_grid(rows)
-            feature_rows = "\n".join(f"| {n} | {v['ks']:.3f} | {v['kl']:.3f} |" for n, v in stats["per_feature"].items())
+            feature_rows = "\n".join(f"| {n} | {v['ks']:.3f} | {v['js']:.3f} | {v['real_n']} / {v['synthetic_n']} |"
+                                     for n, v in stats["per_feature"].items())
+            shape_means = ", ".join(f"{k}: {_mean_text(c['mean_ks'])} / {_mean_text(c['mean_js'])} "
+                                    f"({c['real_objects']} / {c['synthetic_objects']} objects, {c['status']})"
+                                    for k, c in stats["classes"].items())
             hit_rows = "\n".join(f"| {t} | {hits[t]['requested']} | {_rate(hits[t]['hit_rate'])} | "
                                  f"{_rate(hits[t]['unrequested_rate'])} |" for t in dd.TYPE_NAMES)
             counts = metrics["scores"]["instances_per_crop"]
@@ -412,15 +420,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"patches, downsampled 2x). Each real crop's multi-hot type vector (type present = >= "
                 f"{dd.TYPE_PRESENT_MIN_PIXELS} px) is the condition of one generated mask (DDIM {args.steps} steps, "
                 f"eta 0, guidance {args.guidance}, seed {args.seed}); generated masks are decoded by the manifest's rule "
-                f"and compared with the real class maps (services/scoring/mask_stats, classes 1-4, 8-connectivity).\n\n"
-                f"Mean KS statistic over features: {stats['ks_mean']:.3f}; mean KL(real || generated): "
-                f"{stats['kl_mean']:.3f} nats. Instances (>= {dd.DECODE_MIN_INSTANCE_PIXELS} px) per crop: real "
+                f"and compared with the real class maps by per-object shape statistics (services/scoring/mask_stats: "
+                f"regionprops features of every 8-connected object of classes 1-4 pooled over the crops, objects "
+                f"touching the crop border left out; KS and Jensen-Shannon divergence in bits on shared bins).\n\n"
+                f"Mean KS / mean JS over the object features: {_mean_text(stats['mean_ks'])} / "
+                f"{_mean_text(stats['mean_js'])} (per class, real / generated objects: {shape_means}); image "
+                f"features (area fraction, object count per crop): {_mean_text(stats['image_mean_ks'])} / "
+                f"{_mean_text(stats['image_mean_js'])}. Instances (>= {dd.DECODE_MIN_INSTANCE_PIXELS} px) per crop: real "
                 f"{counts['real']['mean']:.1f} ± {counts['real']['std']:.1f}, generated {counts['generated']['mean']:.1f} ± "
                 f"{counts['generated']['std']:.1f}.\n\n"
                 "Requested types that appear (hit rate) and unrequested types that appear anyway:\n\n"
                 "| type | requests | hit rate | unrequested rate |\n|---|---|---|---|\n" + hit_rows +
                 f"\n\nAll four types exactly as requested: {hits['all_types_exact']:.3f}.{chain}\n\n"
-                "| feature | KS | KL |\n|---|---|---|\n" + feature_rows +
+                "| feature | KS | JS (bits) | n real / generated |\n|---|---|---|---|\n" + feature_rows +
                 "\n\n![samples](samples.png)\n\nColumns: real mask of a held-back crop | generated mask for that "
                 "crop's type vector (decoded, instance borders white)" + (" | the generated mask rendered" if chain else "")
                 + ".")

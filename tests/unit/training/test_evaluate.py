@@ -86,7 +86,9 @@ def test_cli_evaluates_and_updates_the_store(store: Path, tmp_path: Path) -> Non
 
     refined = json.loads((results_dir / f"{REFINER_NAME}.json").read_text())
     for key in ("refined_vs_real_fine", "coarse_vs_real_fine"):
-        assert 0 <= refined["scores"][key]["mean_ks"] <= 1 and refined["scores"][key]["mean_kl"] >= 0
+        shape = refined["scores"][key]
+        assert 0 <= shape["mean_ks"] <= 1 and 0 <= shape["mean_js"] <= 1 and shape["real_objects"] > 0
+        assert shape["compared_classes"] == [1] and shape["include_border_objects"] is True
 
     reloaded = ModelStore(store)
     for name in (RENDERER_NAME, REFINER_NAME):
@@ -97,7 +99,7 @@ def test_cli_evaluates_and_updates_the_store(store: Path, tmp_path: Path) -> Non
         assert "none yet" not in card and card.count("## Scores") == 1 and "## Limitations\n\nkept as is" in card
     assert reloaded.get(RENDERER_NAME).metrics["eval_fid"] == pytest.approx(
         rendered["scores"]["synthetic_vs_real"]["fid"], rel=1e-3)
-    assert "eval_mean_ks_refined" in reloaded.get(REFINER_NAME).metrics
+    assert {"eval_mean_ks_refined", "eval_mean_js_refined"} <= set(reloaded.get(REFINER_NAME).metrics)
 
 
 def test_crops_are_reproducible_and_paired(store: Path) -> None:
