@@ -54,14 +54,18 @@ run: proto
 
 # Training reproduces a shipped model's pipeline (needs ../shared/data, or DATA_ROOT=...).
 DATA_ROOT ?= ../shared/data
+# Runs live outside the work tree, so a fresh clone or `git clean` never loses a long run; a run directory with
+# latest.pt is resumed automatically (the process or the machine may stop at any time). VERSION: model_store/<name>/<v>.
+RUNS ?= $(HOME)/.cache/histosynth/runs
+VERSION ?= 1
 train-%: $(STAMP)
-	$(PY) -m training.train --config training/configs/$*.yaml --data-root $(DATA_ROOT) --out runs/$*
+	$(PY) -m training.train --config training/configs/$*.yaml --data-root $(DATA_ROOT) --out $(RUNS)/$* $(TRAIN_FLAGS)
 export-%: $(STAMP)
-	$(PY) -m training.export --config training/configs/$*.yaml --checkpoint runs/$*/latest.pt --version 1 --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
+	$(PY) -m training.export --config training/configs/$*.yaml --checkpoint $(RUNS)/$*/latest.pt --version $(VERSION) --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
 
 SCORING_MODELS := histology-encoder segmenter-he-nuclei segmenter-he-glands segmenter-ihc
 $(addprefix export-,$(SCORING_MODELS)): export-%: $(STAMP)
-	$(PY) -m training.export.scoring_models --config training/configs/$*.yaml --checkpoint runs/$*/latest.pt --version 1 --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
+	$(PY) -m training.export.scoring_models --config training/configs/$*.yaml --checkpoint $(RUNS)/$*/latest.pt --version $(VERSION) --data-root $(DATA_ROOT) $(EXPORT_FLAGS)
 
 # Science reports (issue #8, MEP #9.3): `make experiment-<name>` runs training/experiments/<name>.py and writes
 # reports/<name>/ (README.md, report.json, image grids). Names: noise-frequency, coarse-to-fine,
@@ -79,12 +83,12 @@ torchserve-archive: $(STAMP)
 
 # Diffusion models (#9): export evaluates on held-back CoNSeP crops (FID/KID with our encoder, mask statistics).
 export-renderer-diffusion-nuclei: $(STAMP)
-	$(PY) -m training.export.diffusion_export --run runs/renderer-diffusion-nuclei --data-root $(DATA_ROOT) --every 2 --overwrite $(EXPORT_FLAGS)
+	$(PY) -m training.export.diffusion_export --run $(RUNS)/renderer-diffusion-nuclei --data-root $(DATA_ROOT) --every 2 --overwrite $(EXPORT_FLAGS)
 export-nuclei-mask-generator: $(STAMP)
-	$(PY) -m training.export.diffusion_export --run runs/nuclei-mask-generator --renderer-run runs/renderer-diffusion-nuclei --data-root $(DATA_ROOT) --every 2 --overwrite $(EXPORT_FLAGS)
+	$(PY) -m training.export.diffusion_export --run $(RUNS)/nuclei-mask-generator --renderer-run $(RUNS)/renderer-diffusion-nuclei --data-root $(DATA_ROOT) --every 2 --overwrite $(EXPORT_FLAGS)
 
 export-patch-generator: $(STAMP)
-	$(PY) -m training.trainers.cgan_trainer export --run runs/patch-generator $(EXPORT_FLAGS)
+	$(PY) -m training.trainers.cgan_trainer export --run $(RUNS)/patch-generator $(EXPORT_FLAGS)
 
 bench-core: proto
 	$(PY) -m bench.bench_core

@@ -23,11 +23,16 @@ from training.data.shared_layout import Sample
 TISSUE_GLAND_CLASSES = ("non-tissue", "stroma", "gland")
 
 
-def tissue_gland_class_map(image: np.ndarray, gland_mask: np.ndarray, stain: str = "he") -> np.ndarray:
-    tissue = mask_ops.tissue_mask(image, stain)
-    out = np.where(gland_mask != 0, 2, 1).astype(np.uint8)
-    out[~tissue] = 0
+def class_map_from_tissue(tissue: np.ndarray, gland_mask: np.ndarray) -> np.ndarray:
+    """renderer-he-glands' class rule from any fine tissue mask (real, or refined from a layout):
+    0 = non-tissue (wins over gland: lumens), 2 = tissue inside a gland, 1 = other tissue (stroma)."""
+    out = np.where(np.asarray(gland_mask) != 0, 2, 1).astype(np.uint8)
+    out[~np.asarray(tissue, bool)] = 0
     return out
+
+
+def tissue_gland_class_map(image: np.ndarray, gland_mask: np.ndarray, stain: str = "he") -> np.ndarray:
+    return class_map_from_tissue(mask_ops.tissue_mask(image, stain), gland_mask)
 
 
 class TissueGlandDataset(MaskToImageDataset):

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> Path:
     export_cfg = yaml_config["export"]
     torch.set_num_threads(2)
     trainer = get_trainer(config["trainer"])(config, args.checkpoint.parent, args.data_root)
-    trainer.generator.load_state_dict(payload["generator"])
+    # The EMA weights when the run kept them (train.ema_decay): what previews showed and what is evaluated.
+    weights = "generator_ema" if "generator_ema" in payload else "generator"
+    trainer.generator.load_state_dict(payload[weights])
     generator = trainer.generator.eval().to(memory_format=torch.contiguous_format)
 
     tile = int(export_cfg["metadata"].get("tile_size", 256))
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
         "split": {"fractions": data["split_fractions"], "seed": data.get("split_seed", config.get("seed", 0)),
                   "unit": "patient where recorded, else source tile", "groups": payload.get("splits", {})},
         "steps": int(payload["step"]),
+        "weights": "EMA of the generator weights" if weights == "generator_ema" else "generator weights",
         "train_seconds": round(float(payload["train_seconds"]), 1),
         "hardware": hardware_string().replace(f"torch threads {torch.get_num_threads()}",
                                               f"torch threads {payload.get('hardware_threads', '?')}")

@@ -8,6 +8,7 @@ pix2pixHD - lives here once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -119,6 +120,28 @@ class GanTrainer:
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, schedule)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, schedule)
         self.state = TrainState()
+        # EMA of the generator weights (train.ema_decay, e.g. 0.999): sampled and exported instead of the raw
+        # weights, which a GAN's last steps leave noisy. None = no EMA (v1 configs).
+        decay = self.train_cfg.get("ema_decay")
+        self.ema_decay = None if decay is None else float(decay)
+        self.generator_ema: nn.Module | None = None
+        if self.ema_decay is not None:
+            self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.generator_ema is None or self.ema_decay is None:
+            return
+        # Warm-up (as in diffusion trainers): early on the average would be dominated by random init weights.
+        decay = min(self.ema_decay, (1 + self.state.step) / (10 + self.state.step))
+        for ema_p, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - decay)
+        for ema_b, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            ema_b.copy_(b)
+
+    def sampling_generator(self) -> nn.Module:
+        """The weights that previews and exports use: the EMA when there is one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
 
     # ----------------------------------------------------------------------------------- subclass hooks
     def build(self) -> None:
@@ -171,6 +194,8 @@ class GanTrainer:
             "rng": rng_states(),
             "hardware_threads": torch.get_num_threads(),
         }
+        if self.generator_ema is not None:
+            payload["generator_ema"] = self.generator_ema.state_dict()
         return save_atomically(payload, self.checkpoint_path())
 
     def maybe_resume(self) -> bool:
@@ -185,16 +210,20 @@ class GanTrainer:
         self.sched_g.load_state_dict(payload["sched_g"])
         self.sched_d.load_state_dict(payload["sched_d"])
         restore_rng_states(payload["rng"])
+        if self.generator_ema is not None:
+            # A run that gains EMA on resume starts its average from the current weights.
+            self.generator_ema.load_state_dict(payload.get("generator_ema") or payload["generator"])
         self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
         return True
 
     @torch.no_grad()
     def save_grid(self, path: Path, n: int = 4) -> Path:
         self.generator.eval()
+        generator = self.sampling_generator()
         rows = []
         for i in range(min(n, len(self.preview_set))):
             sample = {k: v.unsqueeze(0) for k, v in self.preview_set[i].items()}
-            fake = self.generator(self.generator_input(sample).contiguous(memory_format=torch.channels_last))
+            fake = generator(self.generator_input(sample).contiguous(memory_format=torch.channels_last))
             rows.append(self.visual_row({k: v[0] for k, v in sample.items()}, fake[0]))
         self.generator.train()
         Image.fromarray(make_grid(rows)).save(path)
@@ -250,6 +279,7 @@ class GanTrainer:
                     self._fit_schedule_to_budget(start_time, steps_at_start, log, bar)
                 batch = next(batches)
                 losses = self.train_step(batch)
+                self.update_ema()
                 self.sched_g.step()
                 self.sched_d.step()
                 self.state.step += 1

@@ -87,12 +87,14 @@ class Pix2PixHDTrainer(GanTrainer):
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         label = batch["label"].contiguous(memory_format=torch.channels_last)
         real = batch["image"].contiguous(memory_format=torch.channels_last)
-        fake = self.generator(label)
+        with self.autocast():
+            fake = self.generator(label)
 
         set_requires_grad(self.discriminator, True)
         self.opt_d.zero_grad(set_to_none=True)
-        pred_fake = self.discriminator(label, fake.detach())
-        pred_real = self.discriminator(label, real)
+        with self.autocast():
+            pred_fake = as_float(self.discriminator(label, fake.detach()))
+            pred_real = as_float(self.discriminator(label, real))
         loss_d_fake = lsgan_loss(pred_fake, False)
         loss_d_real = lsgan_loss(pred_real, True)
         (0.5 * (loss_d_fake + loss_d_real)).backward()
@@ -100,7 +102,8 @@ class Pix2PixHDTrainer(GanTrainer):
 
         set_requires_grad(self.discriminator, False)
         self.opt_g.zero_grad(set_to_none=True)
-        pred_fake_g = self.discriminator(label, fake)
+        with self.autocast():
+            pred_fake_g = as_float(self.discriminator(label, fake))
         loss_g_gan = lsgan_loss(pred_fake_g, True)
         loss_g_fm = feature_matching_loss(pred_fake_g, pred_real, self.lambda_feat)  # real features detached inside
         (loss_g_gan + loss_g_fm).backward()
@@ -111,6 +114,11 @@ class Pix2PixHDTrainer(GanTrainer):
     def visual_row(self, sample: Mapping[str, torch.Tensor], fake: torch.Tensor) -> list[np.ndarray]:
         return [render_label(sample["label"], self.num_classes), to_uint8_image(sample["image"]),
                 to_uint8_image(fake)]
+
+
+def as_float(features: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Discriminator outputs in fp32 for the losses (they may come out of a bf16 autocast region)."""
+    return [[f.float() for f in scale] for scale in features]
 
 
 def render_label(label: torch.Tensor, num_classes: int) -> np.ndarray:

@@ -101,6 +101,29 @@ def test_export_cli_writes_manifest_that_model_store_loads(tmp_path: Path) -> No
     assert "## Scores" in card and "non-commercial" in card
 
 
+def test_refiner_v2_exports_guide_and_noise_channels_and_ema_weights(tmp_path: Path) -> None:
+    """mask-refiner v2: [coarse, guide, noise] input recorded in the manifest; glands renderer v2 keeps an EMA."""
+    model_store = pytest.importorskip("services.core.model_store")
+    from training.export.__main__ import main as export_main
+
+    config = tiny_config("mask-refiner")
+    config["train"]["ema_decay"] = 0.9
+    config_path = write_config(tmp_path, config)
+    out = tmp_path / "run"
+    train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+    checkpoint = torch.load(out / "latest.pt", map_location="cpu", weights_only=False)
+    assert "generator_ema" in checkpoint
+    assert not torch.equal(checkpoint["generator_ema"]["model.model.0.weight"],
+                           checkpoint["generator"]["model.model.0.weight"])
+    version_dir = export_main(["--config", str(config_path), "--checkpoint", str(out / "latest.pt"), "--version", "2",
+                               "--store-root", str(tmp_path / "store"), "--data-root", str(FIXTURE_DATA)])
+    manifest = model_store.ModelStore(tmp_path / "store").get("mask-refiner")
+    assert manifest.metadata["input_channels"] == ["coarse", "guide", "noise"]
+    assert manifest.inputs[0].shape[1] == 3
+    assert manifest.provenance["weights"] == "EMA of the generator weights"
+    assert (version_dir / "model.onnx").is_file()
+
+
 def _tiny_renderer() -> torch.nn.Module:
     from training.models.pix2pixhd_global import GlobalGenerator
 
