@@ -31,6 +31,7 @@ from services.generation import servicer as generation_servicer
 from services.mask_refinement import servicer as refinement_servicer
 from services.mask_rendering import servicer as rendering_servicer
 from services.model_host import HostSettings, ModelHost
+from services.servicer_common import report_readiness
 
 _log = logging.getLogger(__name__)
 
@@ -129,6 +130,10 @@ async def start_all(
                 assert scoring is not None and score_host is not None
                 server = await start_server(scoring.registrations(score_host), server_config)
             running.servers[name] = server
+            await report_readiness(server, {
+                "refinement": [refine_host], "rendering": [render_host], "scoring": [score_host],
+                "generation": [refine_host, render_host, score_host],
+            }[name])
     except BaseException:
         await running.stop(grace=0)
         raise

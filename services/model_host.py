@@ -16,6 +16,7 @@ what the host can serve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Collection, Mapping
@@ -24,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from services.core import metrics
 from services.core.config import ServerConfig
 from services.core.device_pool import DevicePool
 from services.core.dynamic_batcher import BatcherConfig, DynamicBatcher
 from services.core.errors import HistosynthError, ModelNotFoundError, UnavailableError
-from services.core.model_store import MANIFEST_FILE, ModelManifest, ModelStore, parse_manifest
+from services.core.memory import MemoryBudget, MemoryBudgetExceededError, MemoryModel, budget_from_setting, memory_model_for, spatial_size
+from services.core.model_store import MANIFEST_FILE, ManifestError, ModelManifest, ModelStore, parse_manifest
 from services.core.runtimes.base import RuntimeOptions
 from services.core.runtimes.registry import create_runtime
 
@@ -47,6 +50,10 @@ class HostSettings:
     runtime_options: RuntimeOptions = RuntimeOptions()
     # A runtime call slower than this marks its instance unhealthy (DevicePool); None = never.
     instance_timeout_s: float | None = 120.0
+    # Per-process memory budget for request working memory (HISTOSYNTH_MEMORY_BUDGET); None = the default.
+    memory_budget: str | None = None
+    # A model that cannot serve as configured makes the server NOT_SERVING (HISTOSYNTH_STRICT_MODELS).
+    strict_models: bool = True
 
     @classmethod
     def from_server_config(cls, config: ServerConfig) -> HostSettings:
@@ -57,6 +64,8 @@ class HostSettings:
             max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_size=config.max_queue_size,
             runtime_options=config.runtime_options(),
+            memory_budget=config.memory_budget,
+            strict_models=config.strict_models,
         )
 
 
@@ -72,10 +81,31 @@ class ModelRef:
 class ServedModel:
     """One model version: its manifest, its runtime instances and its batcher."""
 
-    def __init__(self, manifest: ModelManifest, pool: DevicePool, batcher: DynamicBatcher) -> None:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        pool: DevicePool,
+        batcher: DynamicBatcher,
+        memory: MemoryModel | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.manifest = manifest
         self.pool = pool
         self.batcher = batcher
+        self.memory = memory_model_for(manifest) if memory is None else memory
+        self.budget = MemoryBudget() if budget is None else budget
+
+    def estimate(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """Estimated working memory of running ``feeds``: the model's memory model plus the tensors themselves."""
+        rows = _batch_rows(feeds)
+        height, width = max((spatial_size(array.shape) for array in feeds.values()), key=lambda hw: hw[0] * hw[1])
+        tensors = sum(array.nbytes for array in feeds.values())
+        return self.memory.estimate(rows, height, width) + 2 * tensors
+
+    def describe_call(self, feeds: Mapping[str, np.ndarray]) -> str:
+        rows = _batch_rows(feeds)
+        height, width = max((spatial_size(array.shape) for array in feeds.values()), key=lambda hw: hw[0] * hw[1])
+        return f"model {self.manifest.key} on {rows} row(s) of {height} x {width}"
 
     @property
     def ref(self) -> ModelRef:
@@ -99,18 +129,32 @@ class ServedModel:
         """
         rows = _batch_rows(feeds)
         limit = self.max_batch_size
-        if rows <= limit:
-            return await self.batcher.submit(feeds, deadline=deadline)
-        chunks = [
-            {name: array[start:start + limit] for name, array in feeds.items()}
-            for start in range(0, rows, limit)
-        ]
-        parts = await asyncio.gather(*(self.batcher.submit(chunk, deadline=deadline) for chunk in chunks))
-        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+        # Admission: the call's estimated working memory is held against the process budget while it
+        # waits and runs (RESOURCE_EXHAUSTED naming the limit when it cannot fit).
+        try:
+            reservation = self.budget.reserve(self.estimate(feeds), self.describe_call(feeds))
+            reservation.__enter__()
+        except MemoryBudgetExceededError:
+            metrics.MEMORY_REFUSED.labels(self.manifest.name).inc()
+            raise
+        with contextlib.ExitStack() as held:
+            held.push(reservation)
+            if rows <= limit:
+                return await self.batcher.submit(feeds, deadline=deadline)
+            chunks = [
+                {name: array[start:start + limit] for name, array in feeds.items()}
+                for start in range(0, rows, limit)
+            ]
+            parts = await asyncio.gather(*(self.batcher.submit(chunk, deadline=deadline) for chunk in chunks))
+            return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
 
     async def close(self, drain: bool = True) -> None:
         await self.batcher.stop(drain=drain)
         await asyncio.to_thread(self.pool.close)
+
+
+def _device_kind(device: str) -> str:
+    return device.split(":", 1)[0].lower()
 
 
 def _batch_rows(feeds: Mapping[str, np.ndarray]) -> int:
@@ -143,6 +187,9 @@ class ModelHost:
         self._hosted: list[str] | None = None  # cached model_names(); refreshed on a miss
         # "name/version" -> why it failed to load; such a model is UNAVAILABLE, the others still serve.
         self.load_errors: dict[str, str] = {}
+        # "name/version" -> why it does not serve as configured (checksum, load failure, device fallback).
+        self.readiness_problems: dict[str, str] = {}
+        self.memory = budget_from_setting(settings.memory_budget)
         self._started = False
         self._stopped = False
 
@@ -214,7 +261,37 @@ class ModelHost:
                 await self.get(name)
             except HistosynthError as error:
                 _log.error("model %r failed to load and is unavailable: %s", name, error.message)
+                reason = getattr(error, "reason", "load_failed")
+                self._not_serving(name, "checksum_mismatch" if reason == "checksum_mismatch" else "load_failed",
+                                  error.message)
+        # Manifests no host could even parse are the operator's problem too.
+        for name, message in list(self.load_errors.items()):
+            if "/" not in name and name not in self.readiness_problems:
+                self._not_serving(name, "load_failed", message)
+        for model in self.loaded():
+            fallen = [info for info in model.pool.instances if _device_kind(info.device) != _device_kind(info.requested_device)]
+            if fallen:
+                self._not_serving(
+                    model.manifest.key, "device_fallback",
+                    "; ".join(f"requested {info.requested_device}, running on {info.device} ({info.provider})"
+                              for info in fallen),
+                )
         _log.info("model host ready: %s", [model.manifest.key for model in self.loaded()])
+
+    def _not_serving(self, key: str, reason: str, message: str) -> None:
+        self.readiness_problems[key] = f"{reason}: {message}"
+        metrics.MODEL_NOT_SERVING.labels(key.split("/")[0], reason).inc()
+        _log.error(
+            "model %s cannot serve as configured (%s): %s%s",
+            key, reason, message,
+            "" if self.settings.strict_models else "; serving anyway (HISTOSYNTH_STRICT_MODELS=0)",
+            extra={"model": key, "reason": reason},
+        )
+
+    @property
+    def serving(self) -> bool:
+        """False when a model cannot serve as configured and the operator did not opt out (strict_models)."""
+        return not (self.settings.strict_models and self.readiness_problems)
 
     async def stop(self, drain: bool = True) -> None:
         """Stop every batcher (draining accepted work when ``drain``) and close the runtimes."""
@@ -292,7 +369,13 @@ class ModelHost:
             manifest.key,
             ", ".join(f"{info.device}({info.provider})" for info in pool.instances),
         )
-        return ServedModel(manifest, pool, batcher)
+        try:
+            memory = memory_model_for(manifest)
+        except ValueError as error:
+            await batcher.stop(drain=False)
+            await asyncio.to_thread(pool.close)
+            raise ManifestError(str(error)) from None
+        return ServedModel(manifest, pool, batcher, memory, self.memory)
 
 
 def required_multiple(value: Any, default: int) -> int:

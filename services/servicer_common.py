@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -13,6 +14,8 @@ from services.core.errors import InvalidInputError
 from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
 from services.core.model_store import ModelStore
 from services.model_host import HostSettings, ModelHost, ModelRef
+
+_log = logging.getLogger(__name__)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -52,4 +55,23 @@ async def start_with_host(
     except BaseException:
         await host.stop(drain=False)
         raise
+    await report_readiness(running, [host])
     return running, host
+
+
+async def report_readiness(running: RunningServer, hosts: Sequence[ModelHost]) -> bool:
+    """Health tells the truth: NOT_SERVING (every service and the server as a whole) when a model of
+    ``hosts`` cannot serve as configured, unless HISTOSYNTH_STRICT_MODELS=0. Returns whether it serves."""
+    problems = {key: problem for host in hosts for key, problem in host.readiness_problems.items()}
+    if all(host.serving for host in hosts):
+        return True
+    for name in (*running.service_names, ""):
+        await running.set_serving(name, False)
+    _log.error(
+        "health NOT_SERVING on %s: model(s) %s cannot serve as configured; fix them, or set "
+        "HISTOSYNTH_STRICT_MODELS=0 to serve the others anyway",
+        running.address,
+        ", ".join(sorted(problems)),
+        extra={"models": sorted(problems), "problems": problems},
+    )
+    return False

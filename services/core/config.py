@@ -71,6 +71,12 @@ def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _memory_budget(value: str | None) -> str | None:
+    from services.core.memory import memory_budget_problem  # memory imports errors only; keep config light
+
+    return memory_budget_problem(value)
+
+
 # --------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class ServerConfig:
@@ -174,6 +180,25 @@ class ServerConfig:
         False,
         "Allow binding a non-loopback HISTOSYNTH_HOST with neither TLS nor a bearer token (e.g. behind a "
         "service mesh that terminates mTLS). Without it such a server refuses to start.",
+    )
+
+    # ------------------------------------------------------------ resource safety
+    memory_budget: str | None = setting(
+        None,
+        "Per-process budget for request working memory, in bytes or with a unit (e.g. 6GiB, 6000M). Every "
+        "model call is estimated from its manifest's memory model (metadata.memory: bytes per pixel, per "
+        "attention token^2, per row; derived from the I/O tensors when absent) before it runs: a call whose "
+        "estimate exceeds the budget, or does not fit beside the calls in flight, gets RESOURCE_EXHAUSTED "
+        "naming this limit, and the diffusion engine packs no more rows than fit. Unset = 75% of the "
+        "cgroup's memory.max, or of the host's MemTotal without a cgroup limit. All services of one process "
+        "(histosynth serve --all) share it.",
+        _memory_budget,
+    )
+    strict_models: bool = setting(
+        True,
+        "A model that fails its checksum, fails to load, or falls back from its requested device (e.g. "
+        "cuda:0 -> cpu) makes its server's grpc.health NOT_SERVING (the log names the model; "
+        "histosynth_model_not_serving_total counts it). 0/false: log it and serve the rest anyway.",
     )
 
     # ----------------------------------------------------------------- diffusion

@@ -127,6 +127,21 @@ MODEL_INSTANCES = Gauge(
     registry=REGISTRY,
 )
 
+MODEL_NOT_SERVING = Counter(
+    "histosynth_model_not_serving_total",
+    "Models found unable to serve as configured at start-up, by reason (checksum_mismatch, load_failed, "
+    "device_fallback); with HISTOSYNTH_STRICT_MODELS (default) each makes its server's health NOT_SERVING.",
+    ("model", "reason"),
+    registry=REGISTRY,
+)
+MEMORY_REFUSED = Counter(
+    "histosynth_model_memory_refused_requests_total",
+    "Model calls refused with RESOURCE_EXHAUSTED because their estimated working memory did not fit "
+    "HISTOSYNTH_MEMORY_BUDGET.",
+    ("model",),
+    registry=REGISTRY,
+)
+
 # ---------------------------------------------------------------------- diffusion
 # The diffusion engine (services/diffusion/engine.py) batches denoising *steps*, not requests;
 # its requests are also counted in histosynth_model_requests_total / _request_duration_seconds.

@@ -49,7 +49,8 @@ from services.core.errors import (
     QueueFullError,
     UnavailableError,
 )
-from services.core.metrics import REASON_CANCELLED, DiffusionMetrics, ModelMetrics
+from services.core.memory import MemoryBudget, MemoryModel, format_bytes
+from services.core.metrics import MEMORY_REFUSED, REASON_CANCELLED, DiffusionMetrics, ModelMetrics
 from services.diffusion.schedulers import SCHEDULERS, SchedulerState, make_scheduler
 from services.diffusion.spec import CONDITION_INPUT, MODEL_OUTPUT, SAMPLE_INPUT, TIMESTEP_INPUT, DiffusionSpec
 
@@ -143,11 +144,25 @@ class DiffusionEngine:
         *,
         model: str = "unknown",
         version: str = "unknown",
+        memory: MemoryModel | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.spec = spec
         self.config = config
         self.model = model
         self.version = version
+        # Memory admission: with both set, a request must fit the budget alone and each denoiser call
+        # packs only as many rows as the budget has room for.
+        self.memory = memory
+        self.budget = budget
+        # Fields above the trained size: attention memory grows with the square of the field's area and
+        # the model never saw such context, so they are refused unless the manifest declares a larger size.
+        if spec.max_sample_size is not None:
+            self.max_size: tuple[int, int] | None = spec.max_sample_size
+        elif memory is not None and memory.has_attention:
+            self.max_size = spec.sample_size
+        else:
+            self.max_size = None
         self._infer = infer
         self._queue: deque[_Request] = deque()
         self._active: list[_Request] = []
@@ -190,6 +205,18 @@ class DiffusionEngine:
             raise InvalidInputError(f"guidance_scale must be in 0..30 (1 = no guidance), got {params.guidance_scale}")
         if isinstance(params.seed, bool) or not 0 <= int(params.seed) <= MAX_SEED:
             raise InvalidInputError(f"seed must be in 0..2**64-1, got {params.seed!r}")
+        self.check_size(size)
+        height, width = size
+        expected = spec.condition_shape(height, width)
+        if condition.shape != expected or condition.dtype != np.float32:
+            raise InvalidInputError(
+                f"condition must be float32 {list(expected)} for model {spec.model_key}, "
+                f"got {condition.dtype} {list(condition.shape)}"
+            )
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        """Size rules (multiple, trained size, memory budget): cheap, so callers run them before building inputs."""
+        spec = self.spec
         height, width = size
         multiple = spec.size_multiple
         if height < multiple or width < multiple or height % multiple or width % multiple:
@@ -197,12 +224,25 @@ class DiffusionEngine:
                 f"size {height} x {width} is not a positive multiple of {multiple} for model {spec.model_key} "
                 f"(trained at {spec.sample_size[0]} x {spec.sample_size[1]}); crop or pad to a multiple"
             )
-        expected = spec.condition_shape(height, width)
-        if condition.shape != expected or condition.dtype != np.float32:
+        if self.max_size is not None and (height > self.max_size[0] or width > self.max_size[1]):
             raise InvalidInputError(
-                f"condition must be float32 {list(expected)} for model {spec.model_key}, "
-                f"got {condition.dtype} {list(condition.shape)}"
+                f"size {height} x {width} is above the {self.max_size[0]} x {self.max_size[1]} that model "
+                f"{spec.model_key} serves (trained at {spec.sample_size[0]} x {spec.sample_size[1]}; its "
+                "self-attention memory grows with the square of the field's area); send fields of at most "
+                f"{self.max_size[0]} x {self.max_size[1]} and tile larger areas client-side"
             )
+        if self.memory is not None and self.budget is not None:
+            one_row = self.memory.estimate(1, height, width)
+            if one_row > self.budget.limit:
+                MEMORY_REFUSED.labels(self.model).inc()
+                self.budget.check(one_row, f"model {spec.model_key} sampling one {height} x {width} field")
+
+    def row_cap(self, size: tuple[int, int]) -> int:
+        """Most rows of ``size`` one denoiser call may take: max_rows, lowered to what the memory budget has room for."""
+        limit = self.config.max_rows
+        if self.memory is not None and self.budget is not None:
+            limit = min(limit, max(1, self.memory.rows_within(self.budget.available, *size)))
+        return limit
 
     async def sample(
         self,
@@ -312,6 +352,13 @@ class DiffusionEngine:
             self._publish_load()
 
     def _drop_abandoned(self) -> None:
+        # A request whose deadline passed leaves at this step even if its caller has not noticed yet.
+        now = time.monotonic()
+        for request in [*self._queue, *self._active]:
+            if request.deadline is not None and now >= request.deadline and not request.abandoned:
+                self._fail(request, DeadlineExceededError(
+                    self.model, now - request.submitted_at, computing=request.state.steps_done > 0
+                ))
         if any(request.abandoned for request in self._queue):
             self._queue = deque(request for request in self._queue if not request.abandoned)
         self._active = [request for request in self._active if not request.abandoned]
@@ -341,11 +388,12 @@ class DiffusionEngine:
         """The next step's requests: one H x W, longest since its last step first, up to max_rows rows."""
         order = sorted(self._active, key=lambda request: (request.last_iteration, request.seq))
         size = order[0].size
+        cap = self.row_cap(size)
         picked, rows = [], 0
         for request in order:
             if request.size != size:
                 continue
-            if picked and rows + request.rows > self.config.max_rows:
+            if picked and rows + request.rows > cap:
                 continue
             picked.append(request)
             rows += request.rows
@@ -362,7 +410,7 @@ class DiffusionEngine:
             feeds = await asyncio.to_thread(_stack_rows, picked)
         rows = int(feeds[SAMPLE_INPUT].shape[0])
         try:
-            output = await self._call(feeds)
+            output = await self._call(feeds, picked)
         except BaseException as error:
             if isinstance(error, asyncio.CancelledError):
                 raise
@@ -371,6 +419,10 @@ class DiffusionEngine:
             for request in picked:
                 self._fail(request, failure)
             self._active = [request for request in self._active if request not in picked]
+            return
+        if output is None:  # every request of the call gave up between its chunks
+            self._active = [request for request in self._active if not request.abandoned]
+            self._publish_load()
             return
         # Abandoned requests are stepped too (their rows are in the output) and dropped next iteration.
         live = sum(not request.abandoned for request in picked)
@@ -391,23 +443,43 @@ class DiffusionEngine:
             self.mixed_timestep_calls += 1
         self._metrics.record_iteration(rows=rows, steps=live, seconds=time.perf_counter() - started)
 
-    async def _call(self, feeds: Feeds) -> np.ndarray:
-        """The denoiser on ``feeds``, in calls of at most max_rows rows (only a lone CFG pair can exceed it)."""
+    async def _call(self, feeds: Feeds, picked: list[_Request]) -> np.ndarray | None:
+        """The denoiser on ``feeds``, in calls of at most row_cap rows (only a lone CFG pair can exceed
+        max_rows; the memory cap splits even that). None when every request of ``picked`` gave up
+        between two chunks: the remaining chunks are not computed."""
         rows = feeds[SAMPLE_INPUT].shape[0]
-        limit = self.config.max_rows
+        size = tuple(feeds[SAMPLE_INPUT].shape[-2:])
+        limit = self.row_cap(size)  # type: ignore[arg-type]
         started = time.perf_counter()
-        if rows <= limit:
-            output = (await self._infer(feeds))[MODEL_OUTPUT]
-        else:
-            parts = []
-            for start in range(0, rows, limit):
-                chunk = {name: array[start:start + limit] for name, array in feeds.items()}
-                parts.append((await self._infer(chunk))[MODEL_OUTPUT])
-            output = np.concatenate(parts)
+        parts = []
+        for start in range(0, rows, limit):
+            if start and all(request.abandoned for request in picked):
+                return None
+            chunk = feeds if rows <= limit else {name: array[start:start + limit] for name, array in feeds.items()}
+            parts.append((await self._reserved_infer(chunk))[MODEL_OUTPUT])
+        output = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self._model_metrics.record_batch(samples=rows, compute_s=time.perf_counter() - started)
         if output.shape != feeds[SAMPLE_INPUT].shape:
             raise ValueError(f"denoiser returned {list(output.shape)} for sample {list(feeds[SAMPLE_INPUT].shape)}")
         return output
+
+    async def _reserved_infer(self, feeds: Feeds) -> Feeds:
+        """One denoiser call, its estimated memory held in the process budget while it runs.
+
+        Forced: the rows were sized to the room left when they were picked, and refusing admitted
+        work mid-sampling would waste every step already taken.
+        """
+        if self.memory is None or self.budget is None:
+            return await self._infer(feeds)
+        sample = feeds[SAMPLE_INPUT]
+        estimate = self.memory.estimate(sample.shape[0], *sample.shape[-2:]) + 2 * sum(a.nbytes for a in feeds.values())
+        with self.budget.reserve(estimate, f"model {self.spec.model_key} denoiser call", force=True):
+            return await self._infer(feeds)
+
+    def describe_memory(self, size: tuple[int, int]) -> str:
+        if self.memory is None:
+            return "no memory model"
+        return f"{format_bytes(self.memory.estimate(1, *size))} per row at {size[0]} x {size[1]}"
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         if not request.future.done():

@@ -110,6 +110,8 @@ class DiffusionPipeline:
             self.settings.engine_config(served.manifest.max_batch_size),
             model=served.manifest.name,
             version=served.manifest.version,
+            memory=served.memory,
+            budget=served.budget,
         )
         self._engines[key] = (served, engine)
         return engine
@@ -157,6 +159,7 @@ class DiffusionPipeline:
             )
         served, engine = await self.served(model, version, ROLE_IMAGE_RENDERER)
         spec = engine.spec
+        engine.check_size((height, width))  # size, trained size and memory rules before any input is built
         low, high = int(classes.min()), int(classes.max())
         if low < 0 or high >= spec.num_classes:
             names = ", ".join(f"{index}={name}" for index, name in enumerate(spec.class_names))
@@ -205,6 +208,7 @@ class DiffusionPipeline:
                 f"{count} masks of {height} x {width} exceed the diffusion limits of {MAX_PIXELS_PER_IMAGE} pixels "
                 f"per mask and {MAX_PIXELS_PER_REQUEST} per request; ask for smaller or fewer masks"
             )
+        engine.check_size((height, width))
         valid = spec.condition_names[:-1]
         unknown = [name for name in types if name not in valid]
         if unknown or len(set(types)) != len(types):

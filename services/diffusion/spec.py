@@ -62,6 +62,8 @@ class DiffusionSpec:
     num_classes: int
     class_names: tuple[str, ...]
     decode: DecodeSpec | None
+    # Largest H x W the model serves (metadata max_sample_size); None = not declared (see DiffusionEngine).
+    max_sample_size: tuple[int, int] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: ModelManifest) -> DiffusionSpec:
@@ -121,7 +123,13 @@ class DiffusionSpec:
         multiple = int(metadata.get("size_multiple", 8))
         if height % multiple or width % multiple or multiple < 1 or high <= low:
             raise ValueError(f"sample_size {[height, width]} must be multiples of size_multiple {multiple}")
+        max_size = metadata.get("max_sample_size")
+        if max_size is not None:
+            max_size = tuple(int(value) for value in max_size)
+            if len(max_size) != 2 or min(max_size) < multiple:
+                raise ValueError(f"max_sample_size {list(max_size)} must be [height, width], each >= {multiple}")
         return cls(
+            max_sample_size=max_size,
             model_key=key,
             role=role,
             schedule=schedule,

@@ -10,6 +10,7 @@ codes (INVALID_ARGUMENT for bad specs, NOT_FOUND for unknown jobs/models, ...).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from services.mask_rendering import servicer as rendering_servicer
 from services.mask_rendering.pipeline import RenderingPipeline
 from services.model_host import HostSettings, ModelHost
 from services.scoring.consistency import ConsistencyScorer
-from services.servicer_common import deadline_of
+from services.servicer_common import deadline_of, report_readiness
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -149,7 +150,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         stream = self.jobs.stream(prepared, record, indices=indices, deadline=deadline)
         try:
             async for sample in stream:
-                yield sample_to_proto(sample, record.job_id)
+                # PNG encoding takes milliseconds to seconds per sample: keep it off the event loop.
+                yield await asyncio.to_thread(sample_to_proto, sample, record.job_id)
         finally:
             await stream.aclose()
 
@@ -266,4 +268,5 @@ async def start(config: ServerConfig, store: ModelStore | None = None) -> tuple[
     except BaseException:
         await stack.stop()
         raise
+    await report_readiness(running, stack.hosts)
     return running, stack

@@ -59,6 +59,9 @@ class RendererSpec:
     output_range: tuple[float, float]
     tile_size: int
     size_multiple: int
+    # Smallest H and W the network runs on (metadata min_size; default two size multiples, the size whose
+    # bottleneck is 2 x 2 so pix2pixHD's reflection pads work); smaller fields are padded up to it.
+    min_size: int = 1
 
     @classmethod
     def from_metadata(cls, model_key: str, metadata: Mapping[str, Any]) -> RendererSpec:
@@ -69,6 +72,7 @@ class RendererSpec:
             low, high = (float(value) for value in metadata.get("output_range", (-1.0, 1.0)))
             tile_size = required_multiple(metadata.get("tile_size"), DEFAULT_TILE_SIZE)
             multiple = required_multiple(metadata.get("size_multiple"), DEFAULT_RENDERER_SIZE_MULTIPLE)
+            min_size = required_multiple(metadata.get("min_size"), 2 * multiple)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"model {model_key}: renderer metadata is incomplete or invalid: {error!r}") from None
         if num_classes < 1 or high <= low or tile_size % multiple:
@@ -84,6 +88,7 @@ class RendererSpec:
             output_range=(low, high),
             tile_size=tile_size,
             size_multiple=multiple,
+            min_size=min_size,
         )
 
     @property
@@ -295,7 +300,7 @@ class RenderingPipeline:
         """
         input_spec, output_spec = served.manifest.inputs[0], served.manifest.outputs[0]
         height, width = maps.classes.shape
-        padded = await asyncio.to_thread(maps.padded, spec.size_multiple)
+        padded = await asyncio.to_thread(maps.padded, spec.size_multiple, spec.min_size)
         plan = TilePlan(padded.classes.shape[0], padded.classes.shape[1], spec.tile_size, overlap)
         tiles = list(plan.tiles())
 
@@ -335,12 +340,20 @@ class FieldMaps:
     noise: np.ndarray | None
     edges: np.ndarray | None
 
-    def padded(self, multiple: int) -> FieldMaps:
+    def padded(self, multiple: int, min_size: int = 1) -> FieldMaps:
+        """Reflect-padded to multiples of ``multiple``, then (mirror-)padded up to ``min_size`` per axis."""
         def pad(array: np.ndarray | None) -> np.ndarray | None:
-            return None if array is None else reflect_pad(array, multiple)[0]
+            if array is None:
+                return None
+            array = reflect_pad(array, multiple)[0]
+            grow_h, grow_w = max(0, min_size - array.shape[-2]), max(0, min_size - array.shape[-1])
+            if grow_h or grow_w:
+                # Fields smaller than the network's minimum (its bottleneck reflection pads need >= 2 px):
+                # mirror them up to it; the output is cropped back to the field.
+                array = np.pad(array, [(0, 0)] * (array.ndim - 2) + [(0, grow_h), (0, grow_w)], mode="symmetric")
+            return array
 
-        classes = reflect_pad(self.classes, multiple)[0]
-        return FieldMaps(classes=classes, noise=pad(self.noise), edges=pad(self.edges))
+        return FieldMaps(classes=pad(self.classes), noise=pad(self.noise), edges=pad(self.edges))
 
     def generator_input(self, region: tuple[slice, slice], num_classes: int) -> np.ndarray:
         """float32 [C, h, w] renderer input for one region (mask_ops.build_generator_input)."""

@@ -7,6 +7,7 @@ of several sizes), and the models that take them run one batch per size. A uint8
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Sequence
 from typing import Final
@@ -24,12 +25,45 @@ MAX_PIXELS_PER_IMAGE: Final = 8192 * 8192
 ImageList = list[np.ndarray]
 
 
+# All PNGs of one request together decode to at most this many bytes (uint8 RGB, 3 bytes per pixel),
+# checked from their headers before any is decoded: a 1 MB request of all-zero 8192 x 8192 PNGs would
+# otherwise decode to gigabytes. 512 MiB is e.g. 2700 images of 256 x 256, or two of 8192 x 8192.
+MAX_DECODED_BYTES_PER_REQUEST: Final = 512 * 1024 * 1024
+DECODED_BYTES_PER_PIXEL: Final = 3
+
+
 def png_size(data: bytes, name: str) -> tuple[int, int]:
     """(height, width) from a PNG's IHDR chunk; InvalidInputError when ``data`` is not a PNG."""
     if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         raise InvalidInputError(f"{name}: not a PNG (missing PNG signature / IHDR header)")
     width, height = struct.unpack(">II", data[16:24])
     return int(height), int(width)
+
+
+def check_png_headers(
+    pngs: Sequence[bytes], name: str, max_total_bytes: int = MAX_DECODED_BYTES_PER_REQUEST
+) -> list[tuple[int, int]]:
+    """Every PNG's (height, width) from its header, refusing any image, or the set, too large to decode.
+
+    Reads 24 bytes per image, so a request is judged by what it would cost before a single pixel
+    is decoded.
+    """
+    sizes = []
+    for index, data in enumerate(pngs):
+        height, width = png_size(data, f"{name}[{index}]")
+        if height * width > MAX_PIXELS_PER_IMAGE or height == 0 or width == 0:
+            raise InvalidInputError(
+                f"{name}[{index}]: PNG is {height} x {width}; images must have 1 to {MAX_PIXELS_PER_IMAGE} pixels"
+            )
+        sizes.append((height, width))
+    total = sum(height * width for height, width in sizes) * DECODED_BYTES_PER_PIXEL
+    if total > max_total_bytes:
+        raise InvalidInputError(
+            f"{name}: {len(sizes)} PNGs decode to {total / 2**20:.0f} MiB, more than the limit of "
+            f"{max_total_bytes / 2**20:.0f} MiB per request; send fewer or smaller images, or stream them "
+            "with ScoreImageStream"
+        )
+    return sizes
 
 
 def decode_png(data: bytes, name: str) -> np.ndarray:
@@ -54,7 +88,19 @@ def decode_png(data: bytes, name: str) -> np.ndarray:
 
 
 def decode_pngs(pngs: Sequence[bytes], name: str) -> ImageList:
+    """Decode every PNG after checking all their headers (sizes and total bytes) first."""
+    check_png_headers(pngs, name)
     return [decode_png(data, f"{name}[{index}]") for index, data in enumerate(pngs)]
+
+
+async def decode_pngs_off_loop(pngs: Sequence[bytes], name: str) -> ImageList:
+    """decode_pngs with the cheap header checks inline and the decoding in a worker thread.
+
+    Decoding a large PNG takes seconds; on the event loop it would stall every other call of the
+    server, health checks included.
+    """
+    check_png_headers(pngs, name)
+    return await asyncio.to_thread(lambda: [decode_png(data, f"{name}[{index}]") for index, data in enumerate(pngs)])
 
 
 def as_image_list(images: np.ndarray | Sequence[np.ndarray], name: str, *, allow_empty: bool = False) -> ImageList:

@@ -47,12 +47,31 @@ ROLE_NAMES = frozenset(scoring_pb2.ImageSetRole.values())
 
 
 # ------------------------------------------------------------------------------ decoding
-def image_count(message: scoring_pb2.ImageSet) -> int:
-    """How many images an ImageSet holds, read from its tensor shape or PNG list (nothing decoded)."""
-    if message.HasField("images"):
-        shape = list(message.images.shape)
-        return int(shape[0]) if len(shape) == 4 else 1
+def image_count(message: scoring_pb2.ImageSet, name: str) -> int:
+    """How many images an ImageSet holds, after the checks that need no decoding (tensor dtype and shape,
+    PNG signatures and header sizes, emptiness)."""
+    if message.HasField("images") or not message.png_images:
+        return len(tensor_image_set(message, name))
+    check_png_headers(list(message.png_images), f"{name}.png_images")
     return len(message.png_images)
+
+
+def tensor_image_set(message: scoring_pb2.ImageSet, name: str) -> ImageList:
+    """A tensor ImageSet as a list of views (no copy, no decode); refuses PNG-only, mixed and empty sets."""
+    has_tensor = message.HasField("images")
+    if has_tensor and message.png_images:
+        raise InvalidInputError(f"{name}: send images (uint8 tensor) or png_images, not both")
+    if not has_tensor:
+        raise InvalidInputError(f"{name}: no images; send a uint8 [N, H, W, 3] tensor in images or PNGs in png_images")
+    array = tensor_to_array(
+        message.images, f"{name}.images", allowed_dtypes=(np.dtype(np.uint8),), allowed_ranks=(3, 4),
+        layouts=IMAGE_LAYOUTS,
+    )
+    if array.shape[-1] != 3:
+        raise InvalidInputError(
+            f"{name}.images: expected uint8 RGB {' or '.join(IMAGE_LAYOUTS)}, got last axis {array.shape[-1]}"
+        )
+    return as_image_list(array, f"{name}.images")
 
 
 def check_set_counts(real: int, synthetic: int, pr_k: int) -> None:
@@ -72,24 +91,11 @@ def check_set_counts(real: int, synthetic: int, pr_k: int) -> None:
 
 async def image_set(message: scoring_pb2.ImageSet, name: str, *, allow_empty: bool = False) -> ImageList:
     """ImageSet -> list of uint8 RGB [H, W, 3] (tensor or PNGs, not both); PNGs decode off the event loop."""
-    has_tensor = message.HasField("images")
-    if has_tensor and message.png_images:
-        raise InvalidInputError(f"{name}: send images (uint8 tensor) or png_images, not both")
-    if has_tensor:
-        array = tensor_to_array(
-            message.images, f"{name}.images", allowed_dtypes=(np.dtype(np.uint8),), allowed_ranks=(3, 4),
-            layouts=IMAGE_LAYOUTS,
-        )
-        if array.shape[-1] != 3:
-            raise InvalidInputError(
-                f"{name}.images: expected uint8 RGB {' or '.join(IMAGE_LAYOUTS)}, got last axis {array.shape[-1]}"
-            )
-        return as_image_list(array, f"{name}.images")
-    if message.png_images:
+    if message.png_images and not message.HasField("images"):
         return await decode_pngs_off_loop(list(message.png_images), f"{name}.png_images")
-    if allow_empty:
+    if allow_empty and not message.HasField("images") and not message.png_images:
         return []
-    raise InvalidInputError(f"{name}: no images; send a uint8 [N, H, W, 3] tensor in images or PNGs in png_images")
+    return tensor_image_set(message, name)
 
 
 def class_maps(request: object, field: str, what: str = "integer class-id maps [N, H, W]") -> np.ndarray:
@@ -210,7 +216,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     ) -> scoring_pb2.DistributionScores:
         options = distribution_options(request.options)
         # Cheap rules first: counts, then every PNG header and the request's decoded total, then decode.
-        check_set_counts(image_count(request.real), image_count(request.synthetic), options.pr_k)
+        check_set_counts(image_count(request.real, "real"), image_count(request.synthetic, "synthetic"), options.pr_k)
         check_png_headers([*request.real.png_images, *request.synthetic.png_images], "real + synthetic png_images")
         real = await image_set(request.real, "real")
         synthetic = await image_set(request.synthetic, "synthetic")

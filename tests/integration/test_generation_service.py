@@ -229,4 +229,5 @@ def test_sink_outside_the_sink_root_is_refused(client: HistosynthClient, uri: st
     with pytest.raises(grpc.RpcError) as caught:
         client.submit_job(dict(GLANDS, sink_uri=uri))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "outside this server's sink root" in caught.value.details()
+    details = caught.value.details()
+    assert "outside this server's sink root" in details or "'..' path component" in details
