@@ -59,6 +59,7 @@ Sizes are in pixels, so compare masks of one resolution.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -149,18 +150,37 @@ def _holes(image: NDArray[np.bool_], connectivity: int) -> tuple[int, int]:
     return count - 1, hole_pixels
 
 
-def _object_row(region: Any, connectivity: int) -> list[float]:
+def _second_moments(components: NDArray[np.int32], count: int) -> tuple[FloatArray, FloatArray]:
+    """Per label 1..count: eigenvalues (largest, smallest) of the pixel-coordinate covariance, i.e. of
+    regionprops' inertia tensor, for all objects at once (regionprops computes them one object at a time)."""
+    rows, cols = np.nonzero(components)
+    label = components[rows, cols]
+    n = np.bincount(label, minlength=count + 1)[1:].astype(np.float64)
+
+    def mean(values: NDArray[Any]) -> FloatArray:
+        return np.bincount(label, weights=values.astype(np.float64), minlength=count + 1)[1:] / n
+
+    # Two passes (centre, then average the products): no cancellation, and symmetric shapes come out exact.
+    dr = rows - mean(rows)[label - 1]
+    dc = cols - mean(cols)[label - 1]
+    var_r, var_c, cov = mean(dr * dr), mean(dc * dc), mean(dr * dc)
+    half_trace = 0.5 * (var_r + var_c)
+    root = np.sqrt(np.maximum(0.25 * (var_r - var_c) ** 2 + cov**2, 0.0))
+    return half_trace + root, np.maximum(half_trace - root, 0.0)
+
+
+def _object_row(region: Any, largest: float, smallest: float, connectivity: int) -> list[float]:
     area = float(region.area)
-    major, minor = float(region.axis_major_length), float(region.axis_minor_length)
     holes, hole_pixels = _holes(region.image, connectivity)
+    top, left, bottom, right = region.bbox
     return [
         area,
         float(region.perimeter),
-        float(region.equivalent_diameter_area),
-        float(region.eccentricity),
-        minor / major if major > 0.0 else 1.0,
+        math.sqrt(4.0 * area / math.pi),
+        math.sqrt(1.0 - smallest / largest) if largest > 0.0 else 0.0,
+        math.sqrt(smallest / largest) if largest > 0.0 else 1.0,
         float(region.solidity),
-        float(region.extent),
+        area / ((bottom - top) * (right - left)),
         float(holes),
         hole_pixels / (area + hole_pixels),
     ]
@@ -187,13 +207,15 @@ def mask_objects(
     height, width = labels.shape
     rows: list[list[float]] = []
     border = 0
-    for region in skimage.measure.regionprops(components):
+    if count:
+        largest, smallest = _second_moments(components, count)
+    for index, region in enumerate(skimage.measure.regionprops(components)):
         top, left, bottom, right = region.bbox
         if top == 0 or left == 0 or bottom == height or right == width:
             border += 1
             if not include_border_objects:
                 continue
-        rows.append(_object_row(region, connectivity))
+        rows.append(_object_row(region, float(largest[index]), float(smallest[index]), connectivity))
     values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(OBJECT_FEATURES))
     return MaskObjects(values, int(count), border, float(np.count_nonzero(is_class)) / labels.size)
 

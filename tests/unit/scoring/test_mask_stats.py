@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import scipy.stats
+import skimage.measure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import jensenshannon
@@ -75,6 +76,19 @@ def test_disc_and_elongated_rectangle_by_hand() -> None:
     row = dict(zip(OBJECT_FEATURES, mask_objects(rectangle, 1).values[0], strict=True))
     assert row["axis_ratio"] == pytest.approx(math.sqrt((1 / 4) / (399 / 12)), rel=1e-6)
     assert row["eccentricity"] == pytest.approx(math.sqrt(1 - (1 / 4) / (399 / 12)), rel=1e-6)
+
+
+def test_features_match_skimage_regionprops_on_random_blobs() -> None:
+    # Ellipse moments are computed for all objects at once; they must equal regionprops' one-by-one values.
+    rng = np.random.default_rng(3)
+    mask = (scipy.ndimage.gaussian_filter(rng.normal(size=(64, 64)), 1.5) > 0.1).astype(np.uint8)
+    values = mask_objects(mask, 1, include_border_objects=True).values
+    regions = skimage.measure.regionprops(scipy.ndimage.label(mask == 1, structure=np.ones((3, 3)))[0])
+    assert len(regions) == len(values) > 10
+    expected = np.array([[r.area, r.perimeter, r.equivalent_diameter_area, r.eccentricity,
+                          r.axis_minor_length / r.axis_major_length if r.axis_major_length else 1.0,
+                          r.solidity, r.extent, 1 - r.euler_number] for r in regions])
+    np.testing.assert_allclose(values[:, :8], expected, rtol=1e-9, atol=1e-9)
 
 
 def test_holes_match_scipy_fill_holes() -> None:
