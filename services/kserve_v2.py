@@ -157,6 +157,34 @@ def check_spatial_multiple(
                 )
 
 
+def minimum_size(kind: str, metadata: Mapping[str, object]) -> int:
+    """Smallest height/width a model runs on: metadata ``min_size``, else two ``size_multiple``s for GAN
+    renderers (pix2pixHD's bottleneck reflection pads need 2 x 2), else 1."""
+    declared = metadata.get("min_size")
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 1:
+        return declared
+    multiple = metadata.get("size_multiple")
+    if kind == "renderer" and isinstance(multiple, int) and not isinstance(multiple, bool) and multiple >= 1:
+        return 2 * multiple
+    return 1
+
+
+def check_spatial_minimum(
+    feeds: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], minimum: int, model_key: str
+) -> None:
+    """Height/width below the network's minimum fail inside the runtime (ORT Pad errors): refuse them first."""
+    if minimum <= 1:
+        return
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            size = feeds[spec.name].shape[axis]
+            if dim in SPATIAL_AXES and size < minimum:
+                raise InvalidInputError(
+                    f"input {spec.name!r}: {dim} {size} is below {minimum}, the smallest size model {model_key} "
+                    "runs on; pad the tensor (the domain API pads small fields for you)"
+                )
+
+
 class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over one or more ModelHosts (a model name is looked up in each in turn)."""
 
@@ -252,6 +280,7 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         manifest = served.manifest
         feeds = self._decode_inputs(request, manifest.inputs, manifest.key)
         check_spatial_multiple(feeds, manifest.inputs, manifest.metadata.get("size_multiple"), manifest.key)
+        check_spatial_minimum(feeds, manifest.inputs, minimum_size(manifest.kind, manifest.metadata), manifest.key)
         requested = [output.name for output in request.outputs]
         declared = {spec.name: spec for spec in manifest.outputs}
         unknown = [name for name in requested if name not in declared]

@@ -128,9 +128,22 @@ class ServedModel:
         ``deadline`` is absolute ``time.monotonic()`` seconds, or None.
         """
         rows = _batch_rows(feeds)
-        limit = self.max_batch_size
-        # Admission: the call's estimated working memory is held against the process budget while it
-        # waits and runs (RESOURCE_EXHAUSTED naming the limit when it cannot fit).
+        # Admission: a call's estimated working memory is held against the process budget while it waits
+        # and runs. Rows that do not fit together run in consecutive groups that do; a call whose single
+        # row does not fit, or that does not fit beside the calls in flight, is RESOURCE_EXHAUSTED.
+        group = rows
+        if rows > 1 and self.estimate(feeds) > self.budget.limit:
+            one_row = {name: array[:1] for name, array in feeds.items()}
+            group = max(1, int(self.budget.limit // max(1, self.estimate(one_row))))
+        if group >= rows:
+            return await self._admitted(feeds, deadline)
+        parts = [
+            await self._admitted({name: array[start:start + group] for name, array in feeds.items()}, deadline)
+            for start in range(0, rows, group)
+        ]
+        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+
+    async def _admitted(self, feeds: Mapping[str, np.ndarray], deadline: float | None) -> dict[str, np.ndarray]:
         try:
             reservation = self.budget.reserve(self.estimate(feeds), self.describe_call(feeds))
             reservation.__enter__()
@@ -139,6 +152,8 @@ class ServedModel:
             raise
         with contextlib.ExitStack() as held:
             held.push(reservation)
+            rows = _batch_rows(feeds)
+            limit = self.max_batch_size
             if rows <= limit:
                 return await self.batcher.submit(feeds, deadline=deadline)
             chunks = [

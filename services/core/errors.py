@@ -131,7 +131,7 @@ class ModelNotFoundError(HistosynthError):
     def __init__(self, model: str, version: str | None, available: list[str] | tuple[str, ...]) -> None:
         wanted = model if version is None else f"{model}/{version}"
         super().__init__(
-            f"model {wanted!r} is not loaded; available: {sorted(available)}; "
+            f"model {clip(wanted)} is not loaded; available: {sorted(available)}; "
             "check the name and version in your request"
         )
         self.model = model

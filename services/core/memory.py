@@ -175,10 +175,11 @@ class MemoryModel:
 
 
 def _channels(shape: tuple[Any, ...]) -> int:
-    """The channel count of a [batch, C, ...] tensor, else its per-row element count when fixed, else 1."""
-    if len(shape) >= 2 and isinstance(shape[1], int):
-        return shape[1]
-    return 1
+    """Per-pixel channels of a [batch, C, H, W] tensor; 0 for vectors (timesteps, embeddings), which do not
+    scale with the field."""
+    if len(shape) < 3:
+        return 0
+    return shape[1] if isinstance(shape[1], int) else 1
 
 
 def graph_has_attention(path: Path) -> bool:

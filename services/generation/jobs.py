@@ -124,7 +124,10 @@ class JobRegistry:
         record = self._register(prepared, len(prepared.plans) if indices is None else len(indices))
 
         async def drain() -> None:
-            async for _ in self.stream(prepared, record, indices=indices):
+            try:
+                async for _ in self.stream(prepared, record, indices=indices):
+                    pass
+            except Exception:  # noqa: BLE001 - stream() logged it and the record holds it for GetJob
                 pass
 
         record.task = asyncio.get_running_loop().create_task(drain(), name=f"job-{record.job_id}")

@@ -145,15 +145,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         indices = _indices(request, len(prepared.plans))
         deadline = deadline_of(context)
         record = self.jobs.open_stream(prepared, indices)
-        # Record the job id early so a client can CancelJob/GetJob it before the first sample.
-        await context.send_initial_metadata((("histosynth-job-id", record.job_id),))
-        stream = self.jobs.stream(prepared, record, indices=indices, deadline=deadline)
         try:
-            async for sample in stream:
-                # PNG encoding takes milliseconds to seconds per sample: keep it off the event loop.
-                yield await asyncio.to_thread(sample_to_proto, sample, record.job_id)
+            # Record the job id early so a client can CancelJob/GetJob it before the first sample.
+            await context.send_initial_metadata((("histosynth-job-id", record.job_id),))
+            stream = self.jobs.stream(prepared, record, indices=indices, deadline=deadline)
+            try:
+                async for sample in stream:
+                    # PNG encoding takes milliseconds to seconds per sample: keep it off the event loop.
+                    yield await asyncio.to_thread(sample_to_proto, sample, record.job_id)
+            finally:
+                await stream.aclose()
         finally:
-            await stream.aclose()
+            # A call cancelled before its stream started (or closed before the first sample) must not
+            # leave its job QUEUED, holding a registry slot forever.
+            if not record.state.finished:
+                record.finish(JobState.CANCELLED, "the call ended before its stream started")
 
     async def SubmitJob(  # noqa: N802
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext

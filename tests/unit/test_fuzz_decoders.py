@@ -18,6 +18,7 @@ Examples are derandomised (fixed seeds) so CI is reproducible; run with
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -344,7 +345,9 @@ def test_scoring_image_sets(image_set: Any, both: bool, allow_empty: bool) -> No
     if both and image_set.HasField("images"):
         image_set.png_images.append(b"\x89PNG")
     try:
-        images = scoring.image_set(image_set, "real", allow_empty=allow_empty)
+        count = scoring.image_count(image_set, "real")  # the pre-decode checks never raise anything else
+        images = asyncio.run(scoring.image_set(image_set, "real", allow_empty=allow_empty))
+        assert len(images) == count
     except InvalidInputError as error:
         assert error.message
         return
