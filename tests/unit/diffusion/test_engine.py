@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from services.core.errors import BatchFailedError, DeadlineExceededError, InvalidInputError, QueueFullError
+from services.core.errors import BatchFailedError, DeadlineExceededError, HistosynthError, InvalidInputError, QueueFullError
 from services.core.metrics import REGISTRY
 from services.core.model_store import ModelStore
 from services.diffusion.engine import DiffusionEngine, EngineConfig, SamplingParams
@@ -269,3 +269,43 @@ async def test_close_fails_waiting_requests_with_unavailable(served: ServedModel
         await task
     with pytest.raises(UnavailableError, match="closed"):
         await engine.sample(condition(engine, 1), SamplingParams(5, "ddim", 2.0, 1))
+
+
+# ---------------------------------------------------------------- issue 14: memory and deadlines
+def budgeted_engine(served: ServedModel, rows_of_room: int) -> DiffusionEngine:
+    from services.core.memory import MemoryBudget, MemoryModel
+
+    memory = MemoryModel(bytes_per_pixel=1000.0, bytes_per_row=0.0, source="test")
+    budget = MemoryBudget(memory.estimate(rows_of_room, H, W) + 2 * memory.estimate(1, H, W) // 3)
+    return DiffusionEngine(
+        DiffusionSpec.from_manifest(served.manifest), served.pool.infer, EngineConfig(max_rows=16),
+        model=served.manifest.name, version=served.manifest.version, memory=memory, budget=budget,
+    )
+
+
+async def test_step_engine_packs_only_the_rows_the_memory_budget_has_room_for(served: ServedModel) -> None:
+    engine = budgeted_engine(served, rows_of_room=3)
+    assert engine.row_cap((H, W)) == 3
+    reference = await make_engine(served).sample(condition(engine, 0), SamplingParams(3, "ddim", 2.0, 7))
+    results = await asyncio.gather(
+        *(engine.sample(condition(engine, index), SamplingParams(3, "ddim", 2.0, 7 + index)) for index in range(6))
+    )
+    assert engine.max_rows_seen <= 3  # CFG pairs (2 rows) split into calls of at most the room left
+    np.testing.assert_array_equal(results[0], reference)  # splitting rows never changes a sample's bits
+    with pytest.raises(HistosynthError, match="HISTOSYNTH_MEMORY_BUDGET") as caught:
+        engine.check_size((8 * H, 8 * W))
+    assert caught.value.status == "RESOURCE_EXHAUSTED"
+
+
+async def test_an_expired_request_leaves_the_engine_at_the_next_step(served: ServedModel) -> None:
+    engine = make_engine(served)
+    params = SamplingParams(1000, "ddim", 2.0, 3)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        await engine.sample(condition(engine, 3), params, deadline=time.monotonic() + 0.2)
+    await asyncio.sleep(0.05)  # at most one step in flight when the deadline passed
+    assert engine.in_flight == 0 and engine.queued == 0
+    calls = engine.calls
+    await asyncio.sleep(0.1)
+    assert engine.calls == calls  # nothing computed for it any more
+    assert time.monotonic() - started < 1.0
