@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.core import metrics
 from services.core.config import ServerConfig
-from services.core.errors import InvalidInputError, QueueFullError
+from services.core.errors import BatchFailedError, InvalidInputError, QueueFullError
 from services.core.grpc_server import (
     HEALTH_SERVICE_NAME,
     REFLECTION_SERVICE_NAME,
@@ -60,6 +60,8 @@ class EchoServicer:
             raise QueueFullError("renderer", 4)
         if request == b"abort":
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "handler said no")
+        if request == b"batch":
+            raise BatchFailedError("renderer", OSError("/srv/secret/model.onnx: disk on fire"))
         raise ValueError("something broke")
 
     async def Big(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -191,6 +193,7 @@ async def test_oversized_response_is_resource_exhausted(echo) -> None:
         (b"queue", grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full"),
         (b"abort", grpc.StatusCode.PERMISSION_DENIED, "handler said no"),
         (b"crash", grpc.StatusCode.INTERNAL, "internal error in histosynth.test.Echo/Fail (log id "),
+        (b"batch", grpc.StatusCode.INTERNAL, "internal error in histosynth.test.Echo/Fail (log id "),
     ],
 )
 async def test_errors_map_to_status_codes_and_are_counted(echo, request_bytes, code, detail) -> None:
@@ -200,6 +203,8 @@ async def test_errors_map_to_status_codes_and_are_counted(echo, request_bytes, c
         await _unary(channel, "Fail")(request_bytes, timeout=5)
     assert raised.value.code() == code
     assert detail in raised.value.details()
+    # Exception text (paths, library internals) stays in the server log.
+    assert "something broke" not in raised.value.details() and "/srv/secret" not in raised.value.details()
     assert await _eventually_requests(before + 1, code.name) == before + 1
     # A failed call, even an unexpected exception, leaves the server serving.
     assert await _unary(channel, "Echo")(b"still here", timeout=5) == b"still here"
