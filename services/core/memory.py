@@ -260,7 +260,13 @@ class MemoryBudget:
 
     @staticmethod
     def peak_in_use() -> int:
+        """Most bytes held at once since start-up (or the last reset_peak)."""
         return _LEDGER.peak
+
+    @staticmethod
+    def reset_peak() -> None:
+        with _LEDGER.lock:
+            _LEDGER.peak = _LEDGER.in_use
 
     @property
     def available(self) -> int:

@@ -232,6 +232,7 @@ async def test_big_diffusion_render_stays_in_budget_and_leaves_the_engine_at_its
     limit = parse_bytes(BUDGET)
     cap = engine.memory.rows_within(limit, 256, 256)
     assert 1 <= cap < engine.config.max_rows  # the budget, not max_rows, bounds the rows at this size
+    MemoryBudget.reset_peak()  # the ledger is process-wide: earlier tests may have used larger budgets
     request = mask_rendering_pb2.RenderRequest(
         model=RENDERER_NAME, class_masks=array_to_tensor(class_masks(16, 256, 256)), diffusion=diffusion(1000)
     )
