@@ -53,6 +53,23 @@ def test_quick_experiment_writes_a_report(tmp_path: Path) -> None:
     # The H&E refiner is refused for IHC by the service, and the report records the answer.
     assert results["ihc_deepliif_235"]["service_answer_for_stain_ihc"]["refused"] is True
 
+    # Paired agreement per tile with its own fine mask, refined with and without the gland layout.
+    paired = results["paired_with_own_real_fine"]
+    assert set(paired["mean"]) == {"coarse_sketch", "refined_sketch_guided", "refined_sketch_unguided",
+                                   "refined_priorpath_guided", "coarse_priorpath"}
+    tiles = results["data"]["tiles"]
+    assert all(len(per_tile) == tiles for per_tile in paired["per_tile"].values())
+    assert 0.0 <= paired["refined_vs_coarse_sketch"]["sketch_guided"]["boundary_f"]["share_better"] <= 1.0
+    # The shipped refiner (v2) takes the gland layout and noise: two seeds give different fine masks, and the
+    # mask-only glands chain ran through the rendering service against the patient-disjoint reference.
+    assert results["refiner"]["guided"] is True
+    assert results["seed_diversity_changed_pixel_fraction"] > 0.0
+    glands = results["glands_from_masks"]
+    assert set(glands["summary"]) == {"real_vs_real", "layout_only", "layout_sketch", "layout_no_refiner",
+                                      "real_image_rule"}
+    assert all(np.isfinite(v["fid_mean"]) for v in glands["summary"].values())
+    assert (out / "glands_grid.png").is_file()
+
     readme = (out / "README.md").read_text()
     assert "noise-only blobs" in readme and "FID" in readme and "relative" in readme.lower()
     grid = Image.open(out / "grid.png")
