@@ -4,7 +4,11 @@ Mounted beside a service's domain API, over the same ModelHost, so ``tritonclien
 and KServe tooling can list, inspect and call our models, and their requests share the
 model's DynamicBatcher (and its queue limits) with domain requests. ModelInfer feeds the
 model's own input tensors (as its manifest declares them) and returns its raw outputs:
-no pre/post-processing, which is what the domain API is for.
+no pre/post-processing, which is what the domain API is for. Every call goes through the
+model's memory admission (HISTOSYNTH_MEMORY_BUDGET); a service may pass a runner per model
+kind, and the rendering service does for GAN renderers, so a field larger than the model's
+tile runs tile by tile with Render's raised-cosine blending instead of in one piece. Kinds
+without a runner run whole, or are refused with RESOURCE_EXHAUSTED naming the budget.
 
 Served RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
 RepositoryIndex. Others of the protocol answer UNIMPLEMENTED.
@@ -20,7 +24,7 @@ subprocess.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 import grpc
@@ -135,6 +139,8 @@ def contents_to_bytes(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.d
 
 
 SPATIAL_AXES: Final = ("height", "width")
+# Runs a decoded ModelInfer for one model kind: (model, feeds, deadline) -> outputs.
+TensorRunner = Callable[[ServedModel, Mapping[str, np.ndarray], "float | None"], Awaitable[dict[str, np.ndarray]]]
 
 
 def check_spatial_multiple(
@@ -188,10 +194,13 @@ def check_spatial_minimum(
 class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over one or more ModelHosts (a model name is looked up in each in turn)."""
 
-    def __init__(self, hosts: Sequence[ModelHost]) -> None:
+    def __init__(self, hosts: Sequence[ModelHost], runners: Mapping[str, TensorRunner] | None = None) -> None:
+        """``runners``: model kind -> how ModelInfer runs that kind, when not as one call (the rendering
+        service tiles its GAN renderers as Render does); other kinds run whole, through memory admission."""
         if not hosts:
             raise ValueError("KServeV2Servicer needs at least one ModelHost")
         self.hosts = list(hosts)
+        self.runners = dict(runners or {})
 
     # ------------------------------------------------------------------ lookup
     def _all_names(self) -> list[str]:
@@ -288,7 +297,11 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInputError(
                 f"model {manifest.key} has no output(s) {unknown}; outputs: {list(declared)}"
             )
-        outputs = await served.infer(feeds, deadline_of(context))
+        runner = self.runners.get(manifest.kind)
+        if runner is None:
+            outputs = await served.infer(feeds, deadline_of(context))
+        else:
+            outputs = await runner(served, feeds, deadline_of(context))
         response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version, id=request.id)
         for name in requested or list(declared):
             array = np.ascontiguousarray(outputs[name])

@@ -31,7 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from services.core import mask_ops
+from services.core import mask_ops, metrics
 from services.core.errors import InvalidInputError
 from services.diffusion.pipeline import DENOISER_KIND, DiffusionOptions, DiffusionPipeline, shared_pipeline
 from services.mask_refinement.pipeline import check_seed, reflect_pad
@@ -255,6 +255,83 @@ class RenderingPipeline:
         return RenderResult(
             images=np.stack([image for image, _ in rendered]), model=served.ref, tiles_per_image=rendered[0][1]
         )
+
+    async def infer_tensor(
+        self, served: ServedModel, feeds: Mapping[str, np.ndarray], deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """KServe ModelInfer on a GAN renderer: raw input [N, C, H, W] -> raw outputs [N, C', H, W], tiled as Render.
+
+        The caller's tensor is the generator input Render would build, so it is cut with the same TilePlan
+        (tile size and overlap), run in the same waves through the model's batcher and memory admission, and
+        blended with the same raised-cosine window: for a field Render would tile, the result equals Render's
+        before its conversion to uint8. Fields no larger than a tile run in one piece. The blend buffers are
+        held against the memory budget for the whole call, and each wave packs only as many tiles as fit
+        beside them, so a large field is processed tile by tile instead of being refused (or run whole).
+        """
+        spec = self.spec(served)
+        overlap = self.overlap_for(spec)
+        input_spec = served.manifest.inputs[0]
+        batch = feeds[input_spec.name]
+        rows, _, height, width = batch.shape
+        plan = TilePlan(height, width, spec.tile_size, overlap)
+        if len(feeds) != 1 or not plan.needs_tiling or rows == 0:
+            return await served.infer(feeds, deadline)
+        outputs = served.manifest.outputs
+        # Per output: float64 sums [N, C', H, W] and weights [H, W] per row (TileBlender), the float32 result.
+        out_channels = sum(spec_.shape[1] if isinstance(spec_.shape[1], int) else 3 for spec_ in outputs)
+        buffers = rows * height * width * (out_channels * (8 + 4) + 8 * len(outputs))
+        what = f"model {served.manifest.key} on {rows} row(s) of {height} x {width} in {len(plan)} tiles"
+        budget = served.budget
+        zero = np.zeros((), input_spec.numpy_dtype)
+
+        def wave_estimate(tiles: int) -> int:
+            shape = (tiles * rows, batch.shape[1], plan.tile_height, plan.tile_width)
+            return served.estimate({input_spec.name: np.broadcast_to(zero, shape)})
+
+        if buffers + wave_estimate(1) > budget.limit:
+            metrics.MEMORY_REFUSED.labels(served.manifest.name).inc()
+            budget.check(buffers + wave_estimate(1), f"{what} (blend buffers and one tile of every row)")
+        wave = max(1, served.max_batch_size * max(1, served.pool.instance_count) // rows)
+        while wave > 1 and buffers + wave_estimate(wave) > budget.limit:
+            wave -= 1
+        tiles = list(plan.tiles())
+
+        def cut(group: list[Tile]) -> np.ndarray:
+            # Tile-major rows: tile 0 of every row, then tile 1, ...
+            return np.concatenate([batch[:, :, tile.slices[0], tile.slices[1]] for tile in group])
+
+        def blend(blenders: dict[str, list[TileBlender]], group: list[Tile], rendered: Mapping[str, np.ndarray]) -> None:
+            for name, row_blenders in blenders.items():
+                array = rendered[name]
+                expected = (len(group) * rows, array.shape[1], plan.tile_height, plan.tile_width)
+                if array.shape != expected:
+                    raise ValueError(
+                        f"model {served.manifest.key}: output {name!r} has shape {list(array.shape)} for a tile "
+                        f"batch, expected {list(expected)}; it cannot be tiled"
+                    )
+                for position, tile in enumerate(group):
+                    for row, blender in enumerate(row_blenders):
+                        blender.add(tile, array[position * rows + row])
+
+        def results(blenders: dict[str, list[TileBlender]]) -> dict[str, np.ndarray]:
+            return {name: np.stack([blender.result() for blender in row_blenders])
+                    for name, row_blenders in blenders.items()}
+
+        with budget.reserve(buffers, f"{what} (blend buffers)"):
+            blenders: dict[str, list[TileBlender]] | None = None
+            for start in range(0, len(tiles), wave):
+                group = tiles[start:start + wave]
+                rendered = await served.infer({input_spec.name: await asyncio.to_thread(cut, group)}, deadline)
+                if blenders is None:
+                    flat = [name for name, array in rendered.items() if array.ndim != 4]
+                    if flat:
+                        raise ValueError(f"model {served.manifest.key}: outputs {flat} are not [N, C, H, W]; "
+                                         "they cannot be tiled")
+                    blenders = {name: [TileBlender(array.shape[1], height, width) for _ in range(rows)]
+                                for name, array in rendered.items()}
+                await asyncio.to_thread(blend, blenders, group, rendered)
+            assert blenders is not None
+            return await asyncio.to_thread(results, blenders)
 
     def overlap_for(self, spec: RendererSpec) -> int:
         overlap = spec.tile_size // 4 if self.tile_overlap is None else self.tile_overlap

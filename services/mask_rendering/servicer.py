@@ -187,7 +187,8 @@ def registrations(
             MaskRenderingServicer(pipeline),
             SERVICE_NAME,
         ),
-        kserve_registration(KServeV2Servicer([host])),
+        # ModelInfer on a GAN renderer is tiled like Render (same tile plan, blending and admission).
+        kserve_registration(KServeV2Servicer([host], runners={"renderer": pipeline.infer_tensor})),
     ]
 
 

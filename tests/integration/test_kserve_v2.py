@@ -18,10 +18,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from services._generated.histosynth.v1 import mask_rendering_pb2, mask_rendering_pb2_grpc
 from services._generated.inference import grpc_service_pb2 as pb
 from services._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.fixtures.service_models import REFINER_NAME, RENDERER_NAME, renderer_channels
-from tests.integration.conftest import LiveServer
+from services.core import metrics
+from services.core.memory import MemoryBudget
+from services.mask_rendering import servicer as rendering
+from services.mask_rendering.pipeline import RenderingPipeline, to_uint8_rgb
+from services.tensor_codec import array_to_tensor, tensor_to_array
+from tests.fixtures.service_models import REFINER_NAME, RENDERER_NAME, RENDERER_TILE_SIZE, renderer_channels
+from tests.integration.conftest import LiveServer, live_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 PROBE = Path(__file__).with_name("tritonclient_probe.py")
@@ -163,3 +169,73 @@ async def test_v2_typed_contents_count_mismatch_and_non_finite(refinement_server
     nan[0, 0, 0, 0] = np.nan
     with pytest.raises(grpc.aio.AioRpcError, match="NaN or infinite"):
         await stub.ModelInfer(infer_request(REFINER_NAME, nan), timeout=30)
+
+
+# ----------------------------------------------------------------------- renderer tiling (issue 14)
+def renderer_input(host_pipeline: RenderingPipeline, served, classes: np.ndarray, seed: int) -> np.ndarray:  # noqa: ANN001
+    """The float32 [1, C, H, W] generator input Render builds for ``classes`` (noise from ``seed``)."""
+    spec = host_pipeline.spec(served)
+    maps = RenderingPipeline.field_maps(classes, spec, None, None, seed, 0.0)
+    return maps.generator_input((slice(None), slice(None)), spec.num_classes)[None].astype(np.float32)
+
+
+async def test_model_infer_on_a_large_field_is_tiled_like_render(rendering_server: LiveServer) -> None:
+    """A field larger than the renderer's tile: ModelInfer cuts, runs and blends it as Render does, so its raw
+    output, converted as Render converts it, is Render's image bit for bit (and differs from one whole call)."""
+    size = 3 * RENDERER_TILE_SIZE + 6  # 102: 4 x 4 tiles of 32 with the default overlap of 8
+    classes = np.random.default_rng(3).integers(0, 3, (size, size), dtype=np.uint8)
+    served = await rendering_server.host.get(RENDERER_NAME)
+    pipeline = RenderingPipeline(rendering_server.host)
+    label = renderer_input(pipeline, served, classes, seed=7)
+
+    stub = pb_grpc.GRPCInferenceServiceStub(rendering_server.channel)
+    response = await stub.ModelInfer(infer_request(RENDERER_NAME, label, name="label"), timeout=30)
+    assert response.outputs[0].name == "image" and list(response.outputs[0].shape) == [1, 3, size, size]
+    tiled = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(1, 3, size, size)
+
+    render = mask_rendering_pb2_grpc.MaskRenderingStub(rendering_server.channel)
+    rendered = await render.Render(
+        mask_rendering_pb2.RenderRequest(model=RENDERER_NAME, class_masks=array_to_tensor(classes[None]), seed=7),
+        timeout=30,
+    )
+    image = tensor_to_array(rendered.images, "images")[0]
+    np.testing.assert_array_equal(to_uint8_rgb(tiled[0], (-1.0, 1.0)), image)
+    whole = ort.InferenceSession(str(served.manifest.path)).run(None, {"label": label})[0]
+    assert not np.array_equal(whole, tiled)  # it really was tiled (each tile's normalisation sees the tile alone)
+
+
+async def test_model_infer_tiles_rows_independently(rendering_server: LiveServer) -> None:
+    """Two rows in one tiled ModelInfer equal each row sent alone."""
+    size = 2 * RENDERER_TILE_SIZE
+    rng = np.random.default_rng(4)
+    label = rng.random((2, renderer_channels(), size, size)).astype(np.float32)
+    stub = pb_grpc.GRPCInferenceServiceStub(rendering_server.channel)
+
+    async def run(array: np.ndarray) -> np.ndarray:
+        response = await stub.ModelInfer(infer_request(RENDERER_NAME, array, name="label"), timeout=30)
+        return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(array.shape[0], 3, size, size)
+
+    both = await run(label)
+    np.testing.assert_array_equal(both[0], (await run(label[:1]))[0])
+    np.testing.assert_array_equal(both[1], (await run(label[1:]))[0])
+
+
+async def test_model_infer_tiling_that_cannot_fit_the_budget_is_refused_naming_it(module_store: Path) -> None:
+    """With a 16 MiB budget a 1024 x 1024 field's blend buffers (44 MiB) alone do not fit: RESOURCE_EXHAUSTED
+    naming HISTOSYNTH_MEMORY_BUDGET, counted, nothing left reserved; a small tiled field still answers."""
+    async for server in live_server(rendering.start, module_store, memory_budget="16MiB", max_message_bytes=64 << 20):
+        stub = pb_grpc.GRPCInferenceServiceStub(server.channel)
+        label = np.zeros((1, renderer_channels(), 1024, 1024), np.float32)
+        refused_before = metrics.REGISTRY.get_sample_value(
+            "histosynth_model_memory_refused_requests_total", {"model": RENDERER_NAME}) or 0.0
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(infer_request(RENDERER_NAME, label, name="label"), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "blend buffers" in raised.value.details()
+        assert "memory budget of 16.0 MiB (HISTOSYNTH_MEMORY_BUDGET)" in raised.value.details()
+        assert metrics.REGISTRY.get_sample_value(
+            "histosynth_model_memory_refused_requests_total", {"model": RENDERER_NAME}) == refused_before + 1
+        assert MemoryBudget(1).in_use == 0
+        small = np.zeros((1, renderer_channels(), 96, 96), np.float32)
+        response = await stub.ModelInfer(infer_request(RENDERER_NAME, small, name="label"), timeout=30)
+        assert list(response.outputs[0].shape) == [1, 3, 96, 96]
