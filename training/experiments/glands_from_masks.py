@@ -71,10 +71,10 @@ def refine_tiles(client: HistosynthClient, tiles: Sequence[Tile], coarse: Sequen
 
 
 def render_tiles(client: HistosynthClient, tiles: Sequence[Tile], tissue: Sequence[np.ndarray],
-                 seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                 seed: int, version: str = "") -> tuple[list[np.ndarray], list[np.ndarray]]:
     class_maps = [class_map_from_tissue(m, t.gland) for t, m in zip(tiles, tissue)]
-    images = [client.render(cm[None], model=RENDERER, instance_maps=t.instances[None].astype(np.int32),
-                            seed=seed + i, timeout=600).images[0]
+    images = [client.render(cm[None], model=RENDERER, version=version,
+                            instance_maps=t.instances[None].astype(np.int32), seed=seed + i, timeout=600).images[0]
               for i, (t, cm) in enumerate(zip(tiles, class_maps))]
     return images, class_maps
 
@@ -95,8 +95,12 @@ def take_crops(images: Sequence[np.ndarray], positions: Sequence[tuple[int, int,
 
 
 def evaluate(client: HistosynthClient, scorer: ScoringSession, groups: Mapping[str, Sequence[Record]], *,
-             crops_per_group: int, crop: int, seed: int, fid_bootstrap: int) -> dict[str, Any]:
-    """Scores of every variant against the other patient's real crops; returns a JSON-able dict."""
+             crops_per_group: int, crop: int, seed: int, fid_bootstrap: int,
+             renderer_version: str = "") -> dict[str, Any]:
+    """Scores of every variant against the other patient's real crops; returns a JSON-able dict.
+
+    ``renderer_version`` pins renderer-he-glands (empty = latest); the refined tissue masks do not depend on it.
+    """
     if len(groups) != 2:
         raise ValueError(f"the patient-disjoint reference needs exactly two held-back groups, got {sorted(groups)}")
     per_group: dict[str, dict[str, Any]] = {}
@@ -109,7 +113,8 @@ def evaluate(client: HistosynthClient, scorer: ScoringSession, groups: Mapping[s
         tissue["layout_no_refiner"] = [np.ones(t.fine.shape, bool) for t in tiles]
         tissue["real_image_rule"] = [t.fine for t in tiles]
         positions = crop_positions(tiles, crops_per_group, crop, base + 7)
-        rendered = {name: render_tiles(client, tiles, masks, base)[0] for name, masks in tissue.items()}
+        rendered = {name: render_tiles(client, tiles, masks, base, renderer_version)[0]
+                    for name, masks in tissue.items()}
         per_group[group] = {
             "tiles": tiles, "positions": positions,
             "real": take_crops([t.image for t in tiles], positions, crop),
@@ -140,6 +145,7 @@ def evaluate(client: HistosynthClient, scorer: ScoringSession, groups: Mapping[s
     return {
         "protocol": {
             "groups": {g: len(groups[g]) for g in names},
+            "renderer_version": renderer_version or "latest",
             "crops_per_group": crops_per_group, "crop": crop, "seed": seed,
             "reference": "patient-disjoint: synthetic crops from patient P's layouts and real crops of P, each "
                          "against the same real crops of the other held-back patient; equal n; both directions "
