@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from services._generated.histosynth.v1 import mask_refinement_pb2, mask_refinement_pb2_grpc
+from services._generated.histosynth.v1 import common_pb2, mask_refinement_pb2, mask_refinement_pb2_grpc
 from services.core.config import ServerConfig
 from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
@@ -27,6 +27,11 @@ MASK_DTYPES = (np.dtype(np.uint8), np.dtype(np.bool_))
 MASK_LAYOUTS = ("[N, H, W]", "[H, W]")
 
 
+def decode_masks(tensor: common_pb2.Tensor, name: str) -> np.ndarray:
+    """A [N, H, W] or [H, W] mask tensor of the wire -> numpy (coarse and guide masks share the rules)."""
+    return tensor_to_array(tensor, name, allowed_dtypes=MASK_DTYPES, allowed_ranks=(2, 3), layouts=MASK_LAYOUTS)
+
+
 class MaskRefinementServicer(mask_refinement_pb2_grpc.MaskRefinementServicer):
     def __init__(self, pipeline: RefinementPipeline) -> None:
         self.pipeline = pipeline
@@ -35,22 +40,10 @@ class MaskRefinementServicer(mask_refinement_pb2_grpc.MaskRefinementServicer):
         self, request: mask_refinement_pb2.RefineRequest, context: grpc.aio.ServicerContext
     ) -> mask_refinement_pb2.RefineResponse:
         require_field(request, "coarse_masks", "uint8 coarse masks [N, H, W] with values 0 (air) / 1 (tissue)")
-        masks = tensor_to_array(
-            request.coarse_masks,
-            "coarse_masks",
-            allowed_dtypes=MASK_DTYPES,
-            allowed_ranks=(2, 3),
-            layouts=MASK_LAYOUTS,
-        )
+        masks = decode_masks(request.coarse_masks, "coarse_masks")
         guides = None
         if request.HasField("guide_masks") and request.guide_masks.shape:
-            guides = tensor_to_array(
-                request.guide_masks,
-                "guide_masks",
-                allowed_dtypes=MASK_DTYPES,
-                allowed_ranks=(2, 3),
-                layouts=MASK_LAYOUTS,
-            )
+            guides = decode_masks(request.guide_masks, "guide_masks")
         result = await self.pipeline.refine(
             masks,
             guide_masks=guides,

@@ -18,7 +18,6 @@ CI by default; ``pytest -m slow``) run the overload for longer and check RSS for
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import re
@@ -57,6 +56,7 @@ from services.core.runtimes.onnxruntime import OnnxRuntime
 from services.tensor_codec import array_to_tensor, tensor_to_array
 from tests.fixtures.service_models import RENDERER_NAME, write_service_store
 from tests.fixtures.tiny_model import write_tiny_model
+from tests.fixtures.process_stats import rss_bytes
 from tests.integration.conftest import server_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,15 +64,6 @@ MIB = 1024 * 1024
 
 
 # ============================================================================ helpers
-def rss_bytes() -> int:
-    """Resident set size of this process (VmRSS), after a full garbage collection."""
-    gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def coarse_masks(count: int = 1, size: int = 128, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     masks = np.zeros((count, size, size), np.uint8)

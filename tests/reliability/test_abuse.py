@@ -18,7 +18,6 @@ and reports how many fuzzed requests it sent.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import random
 import threading
@@ -62,6 +61,7 @@ from tests.fixtures.diffusion_models import MASK_GENERATOR_NAME, RENDERER_NAME, 
 from tests.fixtures.generation_models import write_generation_store
 from tests.fixtures.scoring_models import write_encoder
 from tests.fixtures.service_models import write_renderer
+from tests.fixtures.process_stats import rss_bytes
 from tests.integration.conftest import server_config
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
@@ -75,14 +75,6 @@ GAN_RENDERER = "renderer-he-glands"
 
 
 # ============================================================================ helpers
-def rss_bytes() -> int:
-    gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 class HealthProbe(threading.Thread):
     """grpc.health Check (service "") on every address every ``period_s``, from its own thread and channels,
     so a stalled server event loop shows up as latency here."""

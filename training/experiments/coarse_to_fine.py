@@ -48,7 +48,7 @@ from training.data.coarsening import SKETCH, Coarsening, coarsen
 from training.data.shared_layout import Record, load_records, split_records
 from training.evaluate import TISSUE_BORDER_OBJECTS, TISSUE_MASK_CLASSES
 from training.experiments import glands_from_masks
-from training.experiments.glands_from_masks import crop_positions, load_tiles, take_crops
+from training.experiments.glands_from_masks import crop_positions, load_tiles, refine_tiles, take_crops
 from training.experiments.mask_agreement import DEFAULT_TOLERANCE_PX, paired_agreement
 from training.experiments.report import REPO_ROOT, ExperimentReport, ScoreOptions, ScoringSession, table
 
@@ -151,20 +151,6 @@ def held_back_groups(manifest: ModelManifest, data_root: Path, quick: bool) -> t
 
 
 # ------------------------------------------------------------------------------------------ scoring
-
-
-def refine_tiles(client: HistosynthClient, coarse: Sequence[np.ndarray], guides: Sequence[np.ndarray] | None,
-                 stain: str, seed: int) -> tuple[list[np.ndarray], dict[str, str]]:
-    """One Refine call per tile (tiles differ in size); tile i uses noise seed ``seed + i``."""
-    refined, model = [], None
-    for index, mask in enumerate(coarse):
-        guide = None if guides is None else guides[index][None].astype(np.uint8)
-        output = client.refine(mask[None].astype(np.uint8), stain=stain, model=REFINER, guide_masks=guide,
-                               seed=seed + index, timeout=600)
-        refined.append(output.fine_masks[0].astype(bool))
-        model = output.model
-    assert model is not None
-    return refined, {"name": model.name, "version": model.version, "sha256": model.sha256}
 
 
 def paired_table(predicted: Mapping[str, Sequence[np.ndarray]], fine: Sequence[np.ndarray]) -> dict[str, Any]:

@@ -62,12 +62,19 @@ def load_tiles(records: Sequence[Record], stain: str = "he") -> list[Tile]:
     return tiles
 
 
-def refine_tiles(client: HistosynthClient, tiles: Sequence[Tile], coarse: Sequence[np.ndarray],
-                 seed: int) -> list[np.ndarray]:
-    """One Refine call per tile (tiles differ in size); tile i uses seed + i."""
-    return [client.refine(c[None].astype(np.uint8), model=REFINER, guide_masks=t.gland[None].astype(np.uint8),
-                          seed=seed + i, timeout=600).fine_masks[0].astype(bool)
-            for i, (t, c) in enumerate(zip(tiles, coarse))]
+def refine_tiles(client: HistosynthClient, coarse: Sequence[np.ndarray], guides: Sequence[np.ndarray] | None,
+                 stain: str, seed: int) -> tuple[list[np.ndarray], dict[str, str]]:
+    """One Refine call per tile (tiles differ in size); tile i uses noise seed ``seed + i``. Returns the fine
+    masks and the refiner that made them."""
+    refined, model = [], None
+    for index, mask in enumerate(coarse):
+        guide = None if guides is None else guides[index][None].astype(np.uint8)
+        output = client.refine(mask[None].astype(np.uint8), stain=stain, model=REFINER, guide_masks=guide,
+                               seed=seed + index, timeout=600)
+        refined.append(output.fine_masks[0].astype(bool))
+        model = output.model
+    assert model is not None
+    return refined, {"name": model.name, "version": model.version, "sha256": model.sha256}
 
 
 def render_tiles(client: HistosynthClient, tiles: Sequence[Tile], tissue: Sequence[np.ndarray],
@@ -109,7 +116,8 @@ def evaluate(client: HistosynthClient, scorer: ScoringSession, groups: Mapping[s
         base = seed + 1000 * g_index
         coarse = {"layout_only": [np.ones(t.fine.shape, bool) for t in tiles],
                   "layout_sketch": [coarsen(t.fine, SKETCH) for t in tiles]}
-        tissue = {name: refine_tiles(client, tiles, masks, base) for name, masks in coarse.items()}
+        glands = [t.gland for t in tiles]
+        tissue = {name: refine_tiles(client, masks, glands, "he", base)[0] for name, masks in coarse.items()}
         tissue["layout_no_refiner"] = [np.ones(t.fine.shape, bool) for t in tiles]
         tissue["real_image_rule"] = [t.fine for t in tiles]
         positions = crop_positions(tiles, crops_per_group, crop, base + 7)
