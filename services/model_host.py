@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Collection, Mapping
@@ -34,6 +35,7 @@ from services.core.memory import MemoryBudget, MemoryBudgetExceededError, Memory
 from services.core.model_store import MANIFEST_FILE, ManifestError, ModelManifest, ModelStore, parse_manifest
 from services.core.runtimes.base import RuntimeOptions
 from services.core.runtimes.registry import create_runtime
+from services.core.runtimes.selection import RuntimeSelection, require_precision_check
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ class HostSettings:
     memory_budget: str | None = None
     # A model that cannot serve as configured makes the server NOT_SERVING (HISTOSYNTH_STRICT_MODELS).
     strict_models: bool = True
+    # Engine and precision per model (HISTOSYNTH_RUNTIME / HISTOSYNTH_PRECISION, manifest metadata.serving).
+    selection: RuntimeSelection = RuntimeSelection()
+    # Refuse a reduced precision without a passing check (selection.py). Only the precision check tool,
+    # which produces those checks, turns this off.
+    require_precision_checks: bool = True
 
     @classmethod
     def from_server_config(cls, config: ServerConfig) -> HostSettings:
@@ -66,6 +73,7 @@ class HostSettings:
             runtime_options=config.runtime_options(),
             memory_budget=config.memory_budget,
             strict_models=config.strict_models,
+            selection=RuntimeSelection.from_settings(config.runtime, config.precision),
         )
 
 
@@ -354,9 +362,14 @@ class ModelHost:
         if manifest.kind not in self.kinds:
             raise ModelNotFoundError(name, version, self.model_names())
         settings = self.settings
+        engine, precision = settings.selection.resolve(manifest)
+        if settings.require_precision_checks:
+            require_precision_check(manifest, engine, precision)
+        options = dataclasses.replace(settings.runtime_options, runtime=engine, precision=precision) \
+            if manifest.format == "onnx" else dataclasses.replace(settings.runtime_options, precision=precision)
 
         def factory(device: str):  # noqa: ANN202 - DevicePool's RuntimeFactory
-            return create_runtime(manifest, device, settings.runtime_options)
+            return create_runtime(manifest, device, options)
 
         pool = await asyncio.to_thread(
             DevicePool,

@@ -77,6 +77,27 @@ def _memory_budget(value: str | None) -> str | None:
     return memory_budget_problem(value)
 
 
+def _runtime_choice(value: str | None) -> str | None:
+    from services.core.runtimes.selection import ENGINE_CHOICES, parse_choice
+
+    try:
+        parse_choice(value, ENGINE_CHOICES, "runtime")
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _precision_choice(value: str | None) -> str | None:
+    from services.core.runtimes.base import PRECISIONS
+    from services.core.runtimes.selection import parse_choice
+
+    try:
+        parse_choice(value, PRECISIONS, "precision")
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 # --------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class ServerConfig:
@@ -134,6 +155,20 @@ class ServerConfig:
     intra_op_threads: int = setting(
         0, "Threads inside one operator of a runtime (ONNX Runtime intra-op pool); 0 = library default.",
         _at_least(0),
+    )
+    runtime: str | None = setting(
+        None,
+        "Engine for ONNX models: onnxruntime (default), openvino (CPU fast path) or auto (openvino where "
+        "installed); per model with name=engine, comma-separated (e.g. 'openvino,mask-refiner=onnxruntime'). "
+        "Unset: the manifest's metadata.serving.runtime, else onnxruntime.",
+        _runtime_choice,
+    )
+    precision: str | None = setting(
+        None,
+        "Inference precision: fp32 (default) or bf16, per model with name=precision like HISTOSYNTH_RUNTIME. "
+        "A model loads at bf16 only with a passing check for its runtime in precision_checks.yaml beside its "
+        "manifest (scripts/check_precision.py); otherwise it is NOT_SERVING. Unset: metadata.serving.precision.",
+        _precision_choice,
     )
     drain_grace_s: float = setting(
         10.0, "On SIGTERM/SIGINT: seconds in-flight calls get to finish before the server stops.",

@@ -47,6 +47,8 @@ class InstanceInfo:
     provider: str
     healthy: bool
     in_flight: int
+    # Inference precision the runtime actually runs at ("fp32", "bf16").
+    precision: str = "fp32"
 
 
 class _Instance:
@@ -70,6 +72,7 @@ class _Instance:
             provider=self.runtime.provider,
             healthy=self.healthy,
             in_flight=self.in_flight,
+            precision=str(getattr(self.runtime, "precision", "fp32")),
         )
 
 
@@ -116,6 +119,9 @@ class DevicePool:
             self.close()
             raise
         self._update_instance_gauge()
+        for instance in self._instances:
+            info = instance.info()
+            self._metrics.set_runtime(info.device, info.provider, info.precision)
 
     def _create(self, factory: InstanceFactory, device: str) -> Runtime:
         if device == CPU_DEVICE:

@@ -126,6 +126,13 @@ MODEL_INSTANCES = Gauge(
     ("model", "version", "device"),
     registry=REGISTRY,
 )
+MODEL_RUNTIME = Gauge(
+    "histosynth_model_runtime_info",
+    "1 per (model, version, device, runtime, precision) a loaded model runs with: the engine actually used "
+    "(e.g. CPUExecutionProvider, openvino-2026.4.1-CPU-bf16) and its inference precision.",
+    ("model", "version", "device", "runtime", "precision"),
+    registry=REGISTRY,
+)
 
 MODEL_NOT_SERVING = Counter(
     "histosynth_model_not_serving_total",
@@ -257,6 +264,9 @@ class ModelMetrics:
 
     def set_instances(self, device: str, count: int) -> None:
         MODEL_INSTANCES.labels(self.model, self.version, device).set(count)
+
+    def set_runtime(self, device: str, runtime: str, precision: str) -> None:
+        MODEL_RUNTIME.labels(self.model, self.version, device, runtime, precision).set(1)
 
 
 # ------------------------------------------------------------------ GPU sampling

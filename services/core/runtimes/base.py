@@ -37,6 +37,9 @@ DTYPES: Final[Mapping[str, np.dtype]] = {
     "bool": np.dtype(np.bool_),
 }
 
+# Inference precisions a model may be served at; anything but fp32 needs a passing precision check.
+PRECISIONS: Final = ("fp32", "bf16")
+
 _DEVICE_PATTERN: Final = re.compile(r"^(cpu|cuda:(\d+))$")
 
 
@@ -106,10 +109,18 @@ class RuntimeOptions:
     tensorrt_fp16: bool = False
     # TensorRT execution provider: where built engines are cached between restarts (None = no cache).
     tensorrt_cache_dir: Path | None = None
+    # Which engine runs a manifest of format 'onnx': "onnxruntime" (the portable default) or "openvino".
+    # Chosen per model by services.core.runtimes.selection (HISTOSYNTH_RUNTIME, manifest metadata.serving).
+    runtime: str = "onnxruntime"
+    # Inference precision: "fp32", or a reduced one ("bf16") that the model's precision check allowed
+    # (services.core.runtimes.selection); a runtime that cannot run it refuses to load.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
 @runtime_checkable

@@ -83,6 +83,12 @@ class OnnxRuntime:
         self.outputs = tuple(outputs)
         self.model_path = Path(model_path)
         requested_kind, requested_index = parse_device(device)
+        if options.precision != "fp32":
+            raise ModelLoadError(
+                f"{self.model_path}: ONNX Runtime serves fp32 only here, not {options.precision!r} "
+                "(its fp16 gives no gain on CPU); use runtime 'openvino' for bf16"
+            )
+        self.precision: str = "fp32"
 
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

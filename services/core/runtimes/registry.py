@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from services.core.runtimes.base import ModelLoadError, Runtime, RuntimeOptions, TensorSpec
 from services.core.runtimes.onnxruntime import OnnxRuntime
+from services.core.runtimes.openvino import OpenVinoRuntime
 from services.core.runtimes.tensorrt import TensorRTRuntime
 from services.core.runtimes.torch import TorchRuntime
 
@@ -33,6 +34,11 @@ RUNTIMES: Final[dict[str, RuntimeFactory]] = {
     "torchscript": TorchRuntime,
     "tensorrt_plan": TensorRTRuntime,
 }
+# Engines that read a manifest of format 'onnx' (RuntimeOptions.runtime picks one; selection.py decides per model).
+ONNX_ENGINES: Final[dict[str, RuntimeFactory]] = {
+    "onnxruntime": OnnxRuntime,
+    "openvino": OpenVinoRuntime,
+}
 
 
 def runtime_factory(model_format: str) -> RuntimeFactory:
@@ -53,4 +59,11 @@ def create_runtime(
     could not be used (see each runtime); callers compare it with what they asked for.
     """
     factory = runtime_factory(manifest.format)
+    if manifest.format == "onnx":
+        try:
+            factory = ONNX_ENGINES[options.runtime]
+        except KeyError:
+            raise ModelLoadError(
+                f"unknown runtime {options.runtime!r} for format 'onnx'; valid: {', '.join(ONNX_ENGINES)}"
+            ) from None
     return factory(manifest.path, manifest.inputs, manifest.outputs, device, options)
