@@ -52,10 +52,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import cv2
 import numpy as np
 
 from clients.client import ClientSample, HistosynthClient
+from services.core.png import encode_label_png
 from services.generation.spec import GenerationSpec
 
 SHARD_PREFIX: Final = "shard-"
@@ -71,10 +71,7 @@ SampleEncoder = Callable[[Sequence[ClientSample], Path], None]
 # ------------------------------------------------------------------ sample encoding
 def label_png(array: np.ndarray, dtype: type[np.integer]) -> bytes:
     """A label map as a lossless PNG with its integer type kept (uint8 classes, uint16 instances)."""
-    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(array, dtype=dtype), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for {array.dtype} {list(array.shape)}")
-    return buffer.tobytes()
+    return encode_label_png(array, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,12 @@ Ports: ``ports`` maps a service to its port (0 = any free port). Only the first 
 gets the Prometheus endpoint: every metric lives on one registry, so one scrape sees all.
 Scoring joins when ``services/scoring/servicer.py`` is present; its encoder/segmenter host also
 serves generation's quality gate (``min_consistency``).
+
+This module is the composition root of the embedded mode: it alone builds every service's
+pipeline and hands the rendering/refinement pipelines to generation's in-process provider
+(services.generation.models.InProcessModels); the services never import each other. With
+HISTOSYNTH_GENERATION_RENDERING_ADDRESS set, generation here calls those peers instead and loads
+no renderer, refiner or segmenter for itself (services.generation.remote).
 """
 
 from __future__ import annotations
@@ -26,10 +32,15 @@ from typing import Final
 from services.core.config import ServerConfig
 from services.core.grpc_server import RunningServer, start_server
 from services.core.model_store import ModelStore
-from services.diffusion.pipeline import DiffusionSettings
+from services.diffusion.pipeline import DiffusionSettings, shared_pipeline
 from services.generation import servicer as generation_servicer
+from services.generation.models import InProcessModels
+from services.generation.remote import GenerationSettings
 from services.mask_refinement import servicer as refinement_servicer
+from services.mask_refinement.pipeline import RefinementPipeline
 from services.mask_rendering import servicer as rendering_servicer
+from services.mask_rendering.pipeline import RenderingPipeline
+from services.scoring.consistency import ConsistencyScorer
 from services.model_host import HostSettings, ModelHost
 from services.servicer_common import report_readiness
 
@@ -52,6 +63,35 @@ def default_ports(base_port: int, services: Sequence[str]) -> dict[str, int]:
     return {name: (0 if base_port == 0 else base_port + PORT_OFFSETS[name]) for name in services}
 
 
+def create_stack(
+    config: ServerConfig,
+    store: ModelStore | None = None,
+    *,
+    render_host: ModelHost | None = None,
+    refine_host: ModelHost | None = None,
+    segment_host: ModelHost | None = None,
+    concurrency: int = 4,
+    max_jobs: int = 256,
+) -> generation_servicer.GenerationStack:
+    """The embedded generation stack: renderers, refiner and segmenters in this process (built, not started).
+
+    Pass existing hosts to share batchers with the other services of the process (``segment_host``
+    must host kind "segmenter", e.g. the Scoring service's host).
+    """
+    store = ModelStore(config.model_store) if store is None else store
+    render_host = render_host or rendering_servicer.create_host(config, store)
+    refine_host = refine_host or refinement_servicer.create_host(config, store)
+    segment_host = segment_host or ModelHost(store, ("segmenter",), HostSettings.from_server_config(config))
+    # One diffusion pipeline per host: when the rendering service shares render_host it already made it
+    # (with the same settings), so generated samples and Render calls join the same step-level batches.
+    diffusion = shared_pipeline(render_host, DiffusionSettings.from_server_config(config))
+    models = InProcessModels(RenderingPipeline(render_host, diffusion=diffusion), RefinementPipeline(refine_host))
+    return generation_servicer.build_stack(
+        config, models, scorer=ConsistencyScorer(segment_host), hosts=(render_host, refine_host, segment_host),
+        concurrency=concurrency, max_jobs=max_jobs,
+    )
+
+
 @dataclass
 class AllInOne:
     """Running servers by service name, and the shared hosts; ``stop`` drains all of them."""
@@ -69,6 +109,8 @@ class AllInOne:
         await asyncio.gather(*(server.stop(grace) for server in self.servers.values()), return_exceptions=True)
         if self.stack is not None:
             await self.stack.jobs.close()
+            if self.stack.peers is not None:
+                await self.stack.peers.close()
         await asyncio.gather(*(host.stop() for host in self.hosts), return_exceptions=True)
 
     async def wait_for_termination(self) -> None:
@@ -80,8 +122,12 @@ async def start_all(
     services: Sequence[str] | None = None,
     ports: Mapping[str, int] | None = None,
     store: ModelStore | None = None,
+    generation: GenerationSettings | None = None,
 ) -> AllInOne:
-    """Load models and start one server per service; on any failure everything started is stopped."""
+    """Load models and start one server per service; on any failure everything started is stopped.
+
+    ``generation`` (default: HISTOSYNTH_GENERATION_* variables) with peer addresses makes the
+    generation server here call those peers instead of this process's models."""
     services = tuple(services) if services else available_services()
     unknown = sorted(set(services) - set(SERVICE_ORDER))
     if unknown:
@@ -91,14 +137,16 @@ async def start_all(
     ports = dict(ports) if ports is not None else default_ports(config.port, services)
     store = ModelStore(config.model_store) if store is None else store
     running = AllInOne(config=config)
-    needs_render = {"rendering", "generation"} & set(services)
-    needs_refine = {"refinement", "generation"} & set(services)
+    generation = GenerationSettings.from_env() if generation is None else generation
+    embedded_generation = "generation" in services and not generation.remote
+    needs_render = "rendering" in services or embedded_generation
+    needs_refine = "refinement" in services or embedded_generation
     render_host = rendering_servicer.create_host(config, store) if needs_render else None
     refine_host = refinement_servicer.create_host(config, store) if needs_refine else None
     scoring = importlib.import_module("services.scoring.servicer") if "scoring" in services else None
     # Scoring's host (encoders + segmenters) doubles as generation's quality-gate host.
     score_host = scoring.create_host(config, store) if scoring is not None else None
-    if "generation" in services and score_host is None:
+    if embedded_generation and score_host is None:
         score_host = ModelHost(store, ("segmenter",), HostSettings.from_server_config(config))
     try:
         for host in (refine_host, render_host, score_host):
@@ -120,9 +168,12 @@ async def start_all(
                 server = await start_server(
                     rendering_servicer.registrations(render_host, diffusion=diffusion), server_config
                 )
+            elif name == "generation" and not embedded_generation:
+                running.stack = generation_servicer.create_remote_stack(server_config, generation)
+                server = await start_server(generation_servicer.registrations(running.stack), server_config)
             elif name == "generation":
                 assert render_host is not None and refine_host is not None and score_host is not None
-                running.stack = generation_servicer.create_stack(
+                running.stack = create_stack(
                     server_config, store, render_host=render_host, refine_host=refine_host, segment_host=score_host
                 )
                 server = await start_server(generation_servicer.registrations(running.stack), server_config)
@@ -132,7 +183,7 @@ async def start_all(
             running.servers[name] = server
             await report_readiness(server, {
                 "refinement": [refine_host], "rendering": [render_host], "scoring": [score_host],
-                "generation": [refine_host, render_host, score_host],
+                "generation": [refine_host, render_host, score_host] if embedded_generation else [],
             }[name])
     except BaseException:
         await running.stop(grace=0)
@@ -153,10 +204,12 @@ class BackgroundServers:
         config: ServerConfig,
         services: Sequence[str] | None = None,
         ports: Mapping[str, int] | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         self._config = config
         self._services = services
         self._ports = ports
+        self._generation = generation
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="histosynth-servers", daemon=True)
         self._running: AllInOne | None = None
@@ -166,9 +219,14 @@ class BackgroundServers:
         assert self._running is not None, "servers are not started"
         return self._running.addresses
 
+    @property
+    def running(self) -> AllInOne:
+        assert self._running is not None, "servers are not started"
+        return self._running
+
     def start(self) -> BackgroundServers:
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(start_all(self._config, self._services, self._ports), self._loop)
+        future = asyncio.run_coroutine_threadsafe(start_all(self._config, self._services, self._ports, generation=self._generation), self._loop)
         try:
             self._running = future.result()
         except BaseException:

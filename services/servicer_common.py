@@ -8,11 +8,14 @@ from collections.abc import Sequence
 
 import grpc
 
-from services._generated.histosynth.v1 import common_pb2
+from services._generated.histosynth.v1 import common_pb2, mask_rendering_pb2
 from services.core.config import ServerConfig
 from services.core.errors import InvalidInputError
 from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
+from services.core.model_info import MaskGeneratorInfo, RefinerInfo, RendererInfo
 from services.core.model_store import ModelStore
+from services.diffusion.pipeline import DiffusionOptions, check_options
+from services.diffusion.schedulers import DDIM, DPM_SOLVER_PP
 from services.model_host import HostSettings, ModelHost, ModelRef
 
 _log = logging.getLogger(__name__)
@@ -28,6 +31,57 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 def model_ref_to_proto(ref: ModelRef) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(name=ref.name, version=ref.version, sha256=ref.sha256)
+
+
+SCHEDULERS = {
+    mask_rendering_pb2.DIFFUSION_SCHEDULER_UNSPECIFIED: None,
+    mask_rendering_pb2.DIFFUSION_SCHEDULER_DDIM: DDIM,
+    mask_rendering_pb2.DIFFUSION_SCHEDULER_DPM_SOLVER_PP: DPM_SOLVER_PP,
+}
+SCHEDULER_TO_PROTO = {name: value for value, name in SCHEDULERS.items() if name is not None}
+
+
+def diffusion_options(message: mask_rendering_pb2.DiffusionOptions) -> DiffusionOptions:
+    """Wire options -> DiffusionOptions (0 / unspecified / unset = the model's manifest default).
+
+    Render, GenerateNucleiMasks and Generation's spec.diffusion share these rules."""
+    if message.scheduler not in SCHEDULERS:
+        raise InvalidInputError(
+            f"diffusion.scheduler: unknown value {message.scheduler}; valid: "
+            f"{[mask_rendering_pb2.DiffusionScheduler.Name(value) for value in SCHEDULERS]}"
+        )
+    steps = int(message.steps) or None
+    guidance = float(message.guidance_scale) if message.HasField("guidance_scale") else None
+    check_options(steps, guidance)
+    return DiffusionOptions(steps=steps, scheduler=SCHEDULERS[message.scheduler], guidance_scale=guidance)
+
+
+def diffusion_options_to_proto(options: DiffusionOptions) -> mask_rendering_pb2.DiffusionOptions:
+    """The inverse of :func:`diffusion_options` (a caller forwarding options to MaskRendering)."""
+    message = mask_rendering_pb2.DiffusionOptions(steps=options.steps or 0)
+    if options.scheduler is not None:
+        message.scheduler = SCHEDULER_TO_PROTO[options.scheduler]
+    if options.guidance_scale is not None:
+        message.guidance_scale = float(options.guidance_scale)
+    return message
+
+
+def description_to_proto(
+    info: RendererInfo | MaskGeneratorInfo | RefinerInfo, kind: str, role: str = ""
+) -> common_pb2.ModelDescription:
+    message = common_pb2.ModelDescription(model=model_ref_to_proto(info.ref), kind=kind, role=role)
+    if isinstance(info, RendererInfo):
+        message.class_names.extend(info.class_names)
+        if info.noise_spacing is not None:
+            message.noise_spacing = float(info.noise_spacing)
+        message.uses_instance_edges = info.uses_instance_edges
+        message.stain = info.stain
+    elif isinstance(info, MaskGeneratorInfo):
+        message.class_names.extend(info.class_names)
+        message.type_names.extend(info.type_names)
+    else:
+        message.guided = info.guided
+    return message
 
 
 def require_field(request: object, field: str, what: str) -> None:

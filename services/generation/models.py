@@ -1,28 +1,55 @@
-"""The generation pipeline's model seam over the in-process rendering and refinement pipelines.
+"""The generation pipeline's model seam, in process: the embedded default (``make run``, ``serve --all``).
 
-Generation calls the same RenderingPipeline / RefinementPipeline objects (and so the same
-ModelHost batchers) as the MaskRendering / MaskRefinement servicers of the process, so
-generated samples and direct Render calls merge into shared batches.
+Generation reaches renderers, mask generators and refiners through :class:`ModelProvider`
+(services.generation.pipeline). Two providers implement it:
+
+* :class:`InProcessModels` (here): calls the rendering and refinement pipeline objects of the same
+  process, so generated samples and direct Render/Refine calls merge into shared batches. It takes
+  those objects as arguments and imports neither service: the composition root
+  (services/all_in_one.py) builds them.
+* ``RemoteModels`` (services/generation/remote.py): the same calls over the wire, to separately
+  deployed MaskRendering / MaskRefinement servers (HISTOSYNTH_GENERATION_RENDERING_ADDRESS, ...).
+
+Both give byte-identical samples for the same spec and model versions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from services.diffusion.pipeline import DENOISER_KIND, DiffusionOptions
-from services.diffusion.spec import EDGES_CHANNEL, ROLE_IMAGE_RENDERER, ROLE_MASK_GENERATOR
-from services.generation.pipeline import GenerationUnavailableError, MaskGeneratorInfo, RendererInfo
-from services.mask_refinement.pipeline import RefinementPipeline
-from services.mask_rendering.pipeline import RenderingPipeline
+from services.core.model_info import MaskGeneratorInfo, RefinerInfo, RendererInfo
+from services.diffusion.pipeline import DiffusionOptions
+from services.generation.pipeline import GenerationUnavailableError
 from services.model_host import ModelRef
 
 
+class RenderingSide(Protocol):
+    """What InProcessModels uses of services.mask_rendering.pipeline.RenderingPipeline."""
+
+    diffusion: Any  # services.diffusion.pipeline.DiffusionPipeline (generate_nuclei_masks)
+
+    async def describe_renderer(self, model: str, version: str | None = None) -> RendererInfo: ...
+
+    async def describe_mask_generator(self, model: str, version: str | None = None) -> MaskGeneratorInfo: ...
+
+    async def render(self, class_maps: np.ndarray, **kwargs: Any) -> Any: ...
+
+
+class RefinementSide(Protocol):
+    """What InProcessModels uses of services.mask_refinement.pipeline.RefinementPipeline."""
+
+    async def describe_refiner(self, model: str = "", version: str | None = None) -> RefinerInfo: ...
+
+    async def refine(self, coarse_masks: np.ndarray, **kwargs: Any) -> Any: ...
+
+
 @dataclass(frozen=True)
-class HostedRenderer:
-    pipeline: RenderingPipeline
+class InProcessRenderer:
+    pipeline: RenderingSide
     info: RendererInfo
 
     async def render(
@@ -49,8 +76,8 @@ class HostedRenderer:
 
 
 @dataclass(frozen=True)
-class HostedMaskGenerator:
-    pipeline: RenderingPipeline
+class InProcessMaskGenerator:
+    pipeline: RenderingSide
     info: MaskGeneratorInfo
 
     async def generate(
@@ -75,63 +102,45 @@ class HostedMaskGenerator:
 
 
 @dataclass(frozen=True)
-class HostedRefiner:
-    pipeline: RefinementPipeline
-    ref: ModelRef
-    guided: bool = False  # the model has a guide input (mask-refiner v2): generation passes its gland layout
+class InProcessRefiner:
+    pipeline: RefinementSide
+    info: RefinerInfo
+
+    @property
+    def ref(self) -> ModelRef:
+        return self.info.ref
 
     async def refine(self, coarse_masks: np.ndarray, deadline: float | None, *,
                      guide_masks: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
         result = await self.pipeline.refine(
             coarse_masks, model=self.ref.name, version=self.ref.version, deadline=deadline,
-            guide_masks=guide_masks if self.guided else None, seed=seed,
+            guide_masks=guide_masks if self.info.guided else None, seed=seed,
         )
         return result.fine_masks
 
 
-class HostedModels:
-    """ModelProvider backed by a RenderingPipeline and (optionally) a RefinementPipeline."""
+class InProcessModels:
+    """ModelProvider over a rendering pipeline and (optionally) a refinement pipeline of this process."""
 
-    def __init__(self, rendering: RenderingPipeline, refinement: RefinementPipeline | None = None) -> None:
+    def __init__(self, rendering: RenderingSide, refinement: RefinementSide | None = None) -> None:
         self.rendering = rendering
         self.refinement = refinement
 
-    async def renderer(self, name: str, version: str | None) -> HostedRenderer:
-        served = await self.rendering.host.get(name, version or None)
-        if served.manifest.kind == DENOISER_KIND:
-            _, engine = await self.rendering.diffusion.served(name, served.manifest.version, ROLE_IMAGE_RENDERER)
-            info = RendererInfo(
-                ref=served.ref,
-                class_names=engine.spec.class_names,
-                noise_spacing=None,  # diffusion starts from seeded Gaussian noise, not a noise label
-                uses_instance_edges=EDGES_CHANNEL in engine.spec.condition_names,
-                stain=str(served.metadata.get("stain", "he")),
-            )
-            return HostedRenderer(self.rendering, info)
-        spec = self.rendering.spec(served)
-        class_names = spec.class_names or tuple(f"class_{i}" for i in range(spec.num_classes))
-        info = RendererInfo(
-            ref=served.ref,
-            class_names=class_names,
-            noise_spacing=spec.noise_spacing,
-            uses_instance_edges=spec.use_instance_edges,
-            stain=str(served.metadata.get("stain", "he")),
-        )
-        return HostedRenderer(self.rendering, info)
+    async def renderer(self, name: str, version: str | None) -> InProcessRenderer:
+        return InProcessRenderer(self.rendering, await self.rendering.describe_renderer(name, version or None))
 
-    async def mask_generator(self, name: str, version: str | None) -> HostedMaskGenerator:
-        served, engine = await self.rendering.diffusion.served(name, version or "", ROLE_MASK_GENERATOR)
-        info = MaskGeneratorInfo(
-            ref=served.ref, class_names=engine.spec.class_names, type_names=engine.spec.condition_names[:-1]
-        )
-        return HostedMaskGenerator(self.rendering, info)
+    async def mask_generator(self, name: str, version: str | None) -> InProcessMaskGenerator:
+        info = await self.rendering.describe_mask_generator(name, version or None)
+        return InProcessMaskGenerator(self.rendering, info)
 
-    async def refiner(self, name: str, version: str | None) -> HostedRefiner:
+    async def refiner(self, name: str, version: str | None) -> InProcessRefiner:
         if self.refinement is None:
             raise GenerationUnavailableError(
-                "spec.refine needs the mask refiner, which this generation server does not host; "
-                "set refine to false or start the server with the refinement models"
+                "spec.refine needs the mask refiner, which this generation server does not reach; "
+                "set refine to false, or point HISTOSYNTH_GENERATION_REFINEMENT_ADDRESS at a MaskRefinement server"
             )
-        served = await self.refinement.host.get(name, version or None)
-        guided = "guide" in (served.metadata.get("input_channels") or ())
-        return HostedRefiner(self.refinement, served.ref, guided)
+        return InProcessRefiner(self.refinement, await self.refinement.describe_refiner(name, version or None))
+
+
+# The names before the in-process/remote split.
+HostedModels = InProcessModels

@@ -14,6 +14,7 @@ other samples. Provenance names everything needed to regenerate it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -23,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-import cv2
 import numpy as np
 import scipy.ndimage
 
 from services.core import mask_ops
 from services.core.errors import HistosynthError, InvalidInputError
+from services.core.model_info import MaskGeneratorInfo, RendererInfo  # noqa: F401 - part of the seam's API
+from services.core.png import encode_png
+from services.core.scores import tps_bin_index, tumor_proportion_score
 from services.generation.layouts import (
     Layout,
     LayoutError,
@@ -56,7 +59,6 @@ from services.generation.spec import (
     validate_spec,
 )
 from services.model_host import ModelRef
-from services.scoring.segmentation import TPS_BINS, tps_bin, tumor_proportion_score
 
 # Refinement changes region areas; the layout target is corrected and retried this often.
 REFINE_ROUNDS: Final = 4
@@ -73,17 +75,6 @@ class GenerationUnavailableError(HistosynthError):
 
 
 # ----------------------------------------------------------------------------- seams
-@dataclass(frozen=True)
-class RendererInfo:
-    """What the pipeline needs from a renderer's manifest."""
-
-    ref: ModelRef
-    class_names: tuple[str, ...]
-    noise_spacing: float | None  # None = the model takes no noise channel
-    uses_instance_edges: bool
-    stain: str = "he"
-
-
 class Renderer(Protocol):
     @property
     def info(self) -> RendererInfo: ...
@@ -104,13 +95,6 @@ class Renderer(Protocol):
         their randomness from ``noise_labels`` and ignore it, as they ignore ``diffusion``.
         """
         ...
-
-
-@dataclass(frozen=True)
-class MaskGeneratorInfo:
-    ref: ModelRef
-    class_names: tuple[str, ...]
-    type_names: tuple[str, ...]  # what a stratum's nuclei_types may name
 
 
 class MaskGenerator(Protocol):
@@ -196,18 +180,12 @@ class GeneratedSample:
     class_names: tuple[str, ...]
     scores: dict[str, float]
     provenance: Provenance
+    # The image's PNG, encoded once per sample (in a worker thread, by GenerationPipeline) and shared
+    # by the stream and the sink; None until then.
+    png: bytes | None = field(default=None, repr=False, compare=False)
 
     def image_png(self) -> bytes:
-        return encode_png(self.image)
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 RGB [H, W, 3], or a uint8/uint16 [H, W] map (deterministic encoder settings)."""
-    data = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
-    ok, buffer = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for an array of shape {array.shape} and dtype {array.dtype}")
-    return buffer.tobytes()
+        return self.png if self.png is not None else encode_png(self.image)
 
 
 @functools.cache
@@ -230,11 +208,6 @@ def code_version() -> str:
 
 
 # --------------------------------------------------------------------------- scoring
-def tps_bin_index(proportion: float) -> int:
-    """Index into scoring's TPS_BINS ("<1%", "1-49%", ">=50%") of a tumour proportion score."""
-    return TPS_BINS.index(tps_bin(proportion))
-
-
 def layout_scores(layout: Layout, targets: LayoutTargets | None, class_names: Sequence[str]) -> dict[str, float]:
     scores: dict[str, float] = {f"fraction/{name}": value for name, value in layout.achieved_fractions.items()}
     if targets is not None:
@@ -444,7 +417,11 @@ class GenerationPipeline:
     ) -> GeneratedSample | None:
         """One sample, or None when every attempt failed the quality gate."""
         async with self._in_flight:
-            return await self._gated_sample(job, plan, deadline, counters)
+            sample = await self._gated_sample(job, plan, deadline, counters)
+            if sample is None:
+                return None
+            # Once per sample and off the event loop: the stream and the sink both use these bytes.
+            return dataclasses.replace(sample, png=await asyncio.to_thread(encode_png, sample.image))
 
     async def _gated_sample(
         self, job: PreparedJob, plan: SamplePlan, deadline: float | None, counters: JobCounters | None

@@ -11,7 +11,7 @@ codes (INVALID_ARGUMENT for bad specs, NOT_FOUND for unknown jobs/models, ...).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,19 +22,13 @@ from services._generated.histosynth.v1 import common_pb2, generation_pb2, genera
 from services.core.config import ServerConfig
 from services.core.errors import InvalidInputError
 from services.core.grpc_server import RunningServer, ServiceRegistration, start_server
-from services.core.model_store import ModelStore
-from services.diffusion.pipeline import DiffusionOptions, DiffusionSettings, shared_pipeline
+from services.diffusion.pipeline import DiffusionOptions
 from services.generation.jobs import JobRecord, JobRegistry, JobState
-from services.generation.models import HostedModels
-from services.generation.pipeline import GeneratedSample, GenerationPipeline
+from services.generation.pipeline import ConsistencyScorer, GeneratedSample, GenerationPipeline, ModelProvider
+from services.generation.remote import GenerationSettings, Peers, connect
 from services.generation.spec import FractionRange, GenerationSpec, StratumSpec
-from services.mask_refinement import servicer as refinement_servicer
-from services.mask_refinement.pipeline import RefinementPipeline
-from services.mask_rendering import servicer as rendering_servicer
-from services.mask_rendering.pipeline import RenderingPipeline
-from services.model_host import HostSettings, ModelHost
-from services.scoring.consistency import ConsistencyScorer
-from services.servicer_common import deadline_of, report_readiness
+from services.model_host import ModelHost
+from services.servicer_common import deadline_of, diffusion_options, report_readiness
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -95,7 +89,7 @@ def spec_from_request(request: generation_pb2.GenerateRequest) -> GenerationSpec
         sink_uri=message.sink_uri,
         model_versions=dict(request.model_versions),
         # Same wire rules as Render's diffusion options.
-        diffusion=rendering_servicer.diffusion_options(message.diffusion)
+        diffusion=diffusion_options(message.diffusion)
         if message.HasField("diffusion") else DiffusionOptions(),
     )
 
@@ -106,7 +100,7 @@ def sample_to_proto(sample: GeneratedSample, job_id: str) -> generation_pb2.Samp
         job_id=job_id,
         index=sample.index,
         stratum=sample.stratum,
-        image_png=sample.image_png(),
+        image_png=sample.image_png(),  # encoded once, in a worker thread, by the pipeline
         mask=tensor_codec.array_to_tensor(sample.class_map),
         instances=tensor_codec.array_to_tensor(sample.instances) if sample.instances is not None else None,
         scores=sample.scores,
@@ -151,7 +145,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             stream = self.jobs.stream(prepared, record, indices=indices, deadline=deadline)
             try:
                 async for sample in stream:
-                    # PNG encoding takes milliseconds to seconds per sample: keep it off the event loop.
+                    # The PNG is already encoded (pipeline, worker thread); copying arrays into the message
+                    # of a large field still takes a while, so it stays off the event loop too.
                     yield await asyncio.to_thread(sample_to_proto, sample, record.job_id)
             finally:
                 await stream.aclose()
@@ -197,20 +192,18 @@ def _indices(request: generation_pb2.GenerateRequest, total: int) -> list[int] |
 # ------------------------------------------------------------------------- assembly
 @dataclass
 class GenerationStack:
-    """What a generation server runs on: model hosts, the pipeline and the job registry.
+    """What a generation server runs on: the pipeline, the job registry, and what feeds the pipeline.
 
-    ``segment_host`` hosts the segmenters of the quality gate (services.scoring.consistency).
+    Embedded mode (services.all_in_one.create_stack): ``hosts`` are this process's model hosts
+    (renderers, refiner, segmenters), shared with the other services of the process. Remote mode
+    (:func:`create_remote_stack`): no host and no model; ``peers`` are the channels to the
+    MaskRendering / MaskRefinement / Scoring servers.
     """
 
-    render_host: ModelHost
-    refine_host: ModelHost
-    segment_host: ModelHost
     pipeline: GenerationPipeline
     jobs: JobRegistry
-
-    @property
-    def hosts(self) -> tuple[ModelHost, ...]:
-        return (self.render_host, self.refine_host, self.segment_host)
+    hosts: tuple[ModelHost, ...] = ()
+    peers: Peers | None = None
 
     async def start_hosts(self) -> None:
         for host in self.hosts:
@@ -220,39 +213,37 @@ class GenerationStack:
         await self.jobs.close()
         for host in self.hosts:
             await host.stop()
+        if self.peers is not None:
+            await self.peers.close()
 
 
 def backend_name(config: ServerConfig) -> str:
     return f"onnxruntime:{','.join(config.devices)}"
 
 
-def create_stack(
+def build_stack(
     config: ServerConfig,
-    store: ModelStore | None = None,
+    models: ModelProvider,
     *,
-    render_host: ModelHost | None = None,
-    refine_host: ModelHost | None = None,
-    segment_host: ModelHost | None = None,
+    scorer: ConsistencyScorer | None = None,
+    hosts: Sequence[ModelHost] = (),
+    peers: Peers | None = None,
     concurrency: int = 4,
     max_jobs: int = 256,
 ) -> GenerationStack:
-    """Build (not start) the stack; pass existing hosts to share batchers with other services
-    (``segment_host`` must host kind "segmenter", e.g. the Scoring service's host)."""
-    store = ModelStore(config.model_store) if store is None else store
-    render_host = render_host or rendering_servicer.create_host(config, store)
-    refine_host = refine_host or refinement_servicer.create_host(config, store)
-    segment_host = segment_host or ModelHost(store, ("segmenter",), HostSettings.from_server_config(config))
-    # One diffusion pipeline per host: when the rendering service shares render_host it already made it
-    # (with the same settings), so generated samples and Render calls join the same step-level batches.
-    diffusion = shared_pipeline(render_host, DiffusionSettings.from_server_config(config))
-    models = HostedModels(RenderingPipeline(render_host, diffusion=diffusion), RefinementPipeline(refine_host))
     pipeline = GenerationPipeline(
-        models,
-        concurrency=concurrency,
-        backend=backend_name(config),
-        consistency_scorer=ConsistencyScorer(segment_host),
+        models, concurrency=concurrency, backend=backend_name(config), consistency_scorer=scorer
     )
-    return GenerationStack(render_host, refine_host, segment_host, pipeline, JobRegistry(pipeline, max_jobs=max_jobs))
+    return GenerationStack(pipeline, JobRegistry(pipeline, max_jobs=max_jobs), tuple(hosts), peers)
+
+
+def create_remote_stack(
+    config: ServerConfig, settings: GenerationSettings, *, concurrency: int = 4, max_jobs: int = 256
+) -> GenerationStack:
+    """A Generation server without models: renders, refines and gates through its peers."""
+    peers = connect(settings, config.max_message_bytes)
+    return build_stack(config, peers.models, scorer=peers.scorer, peers=peers, concurrency=concurrency,
+                       max_jobs=max_jobs)
 
 
 def registrations(stack: GenerationStack) -> list[ServiceRegistration]:
@@ -265,9 +256,8 @@ def registrations(stack: GenerationStack) -> list[ServiceRegistration]:
     ]
 
 
-async def start(config: ServerConfig, store: ModelStore | None = None) -> tuple[RunningServer, GenerationStack]:
-    """Load renderers, refiners and segmenters, start serving Generation; everything stops with the server."""
-    stack = create_stack(config, store)
+async def start_stack(stack: GenerationStack, config: ServerConfig) -> RunningServer:
+    """Start the stack's hosts (if any) and serve Generation; everything stops with the server."""
     await stack.start_hosts()
     try:
         running = await start_server(registrations(stack), config, shutdown_hooks=[stack.stop])
@@ -275,4 +265,10 @@ async def start(config: ServerConfig, store: ModelStore | None = None) -> tuple[
         await stack.stop()
         raise
     await report_readiness(running, stack.hosts)
-    return running, stack
+    return running
+
+
+async def start_remote(config: ServerConfig, settings: GenerationSettings) -> tuple[RunningServer, GenerationStack]:
+    """Serve Generation over peer servers (no models here)."""
+    stack = create_remote_stack(config, settings)
+    return await start_stack(stack, config), stack

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from services.core.errors import InvalidInputError, clip
+from services.core.png import encode_label_png
 
 _FINISHED: Final = re.compile(r"^(\d{6,})\.json$")
 INDEX_DIGITS: Final = 6
@@ -123,13 +124,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _png(array: np.ndarray) -> bytes:
-    ok, buffer = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for {array.dtype} {list(array.shape)}")
-    return buffer.tobytes()
-
-
 class SampleWriter:
     """Writes samples into ``root`` (created if missing) and reports which are finished."""
 
@@ -160,12 +154,12 @@ class SampleWriter:
         """Write one sample; returns the JSON path. ``record`` must be JSON-serialisable."""
         paths = self.paths(index)
         _atomic_write(paths["image"], image_png)
-        _atomic_write(paths["mask"], _png(np.ascontiguousarray(class_map, dtype=np.uint8)))
+        _atomic_write(paths["mask"], encode_label_png(class_map, np.uint8))
         if instances is None:
             instances = np.zeros(class_map.shape, np.uint16)
         if int(instances.max(initial=0)) > np.iinfo(np.uint16).max:
             raise ValueError(f"sample {index}: instance ids above 65535 cannot be stored as uint16 PNG")
-        _atomic_write(paths["instances"], _png(np.ascontiguousarray(instances, dtype=np.uint16)))
+        _atomic_write(paths["instances"], encode_label_png(instances, np.uint16))
         body = dict(record)
         body.setdefault("index", index)
         body["files"] = {key: path.name for key, path in paths.items() if key != "json"}

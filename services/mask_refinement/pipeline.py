@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.core import mask_ops
+from services.core.arrays import check_seed, reflect_pad  # noqa: F401 - shared with rendering and scoring
 from services.core.errors import InvalidInputError
-from services.model_host import ModelHost, ModelRef, ServedModel, ceil_to_multiple, required_multiple
+from services.core.model_info import RefinerInfo
+from services.model_host import ModelHost, ModelRef, ServedModel, required_multiple
 
 DEFAULT_REFINER = "mask-refiner"
 # pix2pix U-Net 256 has 8 stride-2 levels; used only when a manifest has no size_multiple.
@@ -65,30 +67,17 @@ def as_mask_batch(masks: np.ndarray, name: str = "coarse_masks") -> np.ndarray:
     return masks.astype(np.uint8, copy=False)
 
 
-def reflect_pad(batch: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
-    """Reflect-pad the last two axes of ``batch`` up to multiples of ``multiple``.
-
-    Returns (padded, height, width) with the original size for cropping back. Reflection
-    (not zeros) keeps the border looking like tissue/air that continues, which is what a
-    convolutional model saw in training.
-    """
-    height, width = batch.shape[-2:]
-    pad_h = ceil_to_multiple(height, multiple) - height
-    pad_w = ceil_to_multiple(width, multiple) - width
-    if pad_h == 0 and pad_w == 0:
-        return batch, height, width
-    # numpy's reflect needs a size >= 2 on a padded axis; a 1-pixel axis is edge-extended instead.
-    widths = [(0, 0)] * (batch.ndim - 2) + [(0, pad_h), (0, pad_w)]
-    mode = "reflect" if min(height, width) > 1 else "edge"
-    return np.pad(batch, widths, mode=mode), height, width
-
-
 class RefinementPipeline:
     """Runs refiner models hosted by a ModelHost (one batcher per model version)."""
 
     def __init__(self, host: ModelHost, default_model: str = DEFAULT_REFINER) -> None:
         self.host = host
         self.default_model = default_model
+
+    async def describe_refiner(self, model: str = "", version: str | None = None) -> RefinerInfo:
+        """The refiner's identity and whether it takes a guide (region layout) input, from its manifest."""
+        served = await self.host.get(model or self.default_model, version or None)
+        return RefinerInfo(ref=served.ref, guided="guide" in input_channels(served))
 
     async def refine(
         self,
@@ -225,11 +214,3 @@ def check_stain(served: ServedModel, stain: str) -> None:
             f"model {served.manifest.key} refines {model_stain!r} masks, not {stain!r}; "
             f"pick a refiner trained for {stain!r} or leave stain empty"
         )
-
-
-def check_seed(seed: int, count: int) -> None:
-    """Seeds ``seed .. seed + count - 1`` must fit the uint64 the wire carries."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
-    if int(seed) + count - 1 >= 2**64:
-        raise InvalidInputError(f"seed {seed} + {count} samples overflows 64 bits; use a smaller seed")

@@ -18,7 +18,7 @@ from services.kserve_v2 import KServeV2Servicer, kserve_registration
 from services.mask_refinement.pipeline import RefinementPipeline
 from services.model_host import ModelHost
 from services import servicer_common
-from services.servicer_common import deadline_of, model_ref_to_proto, require_field
+from services.servicer_common import deadline_of, description_to_proto, model_ref_to_proto, require_field
 from services.tensor_codec import array_to_tensor, tensor_to_array
 
 SERVICE_NAME = mask_refinement_pb2.DESCRIPTOR.services_by_name["MaskRefinement"].full_name
@@ -60,6 +60,15 @@ class MaskRefinementServicer(mask_refinement_pb2_grpc.MaskRefinementServicer):
         if result.noise_labels is not None:
             response.noise_labels.CopyFrom(array_to_tensor(result.noise_labels))
         return response
+
+    async def DescribeModel(  # noqa: N802 - gRPC method name
+        self, request: common_pb2.DescribeModelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelDescription:
+        info = await self.pipeline.describe_refiner(request.model, request.model_version or None)
+        served = await self.pipeline.host.get(info.ref.name, info.ref.version)
+        message = description_to_proto(info, "refiner")
+        message.stain = str(served.metadata.get("stain", ""))
+        return message
 
 
 def registrations(host: ModelHost) -> list[ServiceRegistration]:

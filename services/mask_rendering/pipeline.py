@@ -33,8 +33,11 @@ import numpy as np
 
 from services.core import mask_ops, metrics
 from services.core.errors import InvalidInputError
+from services.core.arrays import check_seed, reflect_pad
+from services.core.png import encode_png  # noqa: F401 - the one PNG codec (re-exported for callers)
+from services.core.model_info import MaskGeneratorInfo, RendererInfo
 from services.diffusion.pipeline import DENOISER_KIND, DiffusionOptions, DiffusionPipeline, shared_pipeline
-from services.mask_refinement.pipeline import check_seed, reflect_pad
+from services.diffusion.spec import EDGES_CHANNEL, ROLE_IMAGE_RENDERER, ROLE_MASK_GENERATOR
 from services.mask_rendering.tiling import Tile, TileBlender, TilePlan
 from services.model_host import ModelHost, ModelRef, ServedModel, required_multiple
 
@@ -134,14 +137,6 @@ def to_uint8_rgb(chw: np.ndarray, output_range: tuple[float, float]) -> np.ndarr
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 RGB [H, W, 3] -> PNG bytes (lossless, deterministic)."""
-    ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("OpenCV could not encode the image as PNG")
-    return buffer.tobytes()
-
-
 class RenderingPipeline:
     """Runs renderer models hosted by a ModelHost.
 
@@ -187,6 +182,31 @@ class RenderingPipeline:
                 f"use_instance_edges {spec.use_instance_edges}) but the model takes {declared}; fix the manifest"
             )
         return spec
+
+    async def describe_renderer(self, model: str, version: str | None = None) -> RendererInfo:
+        """What a caller composing with this renderer needs (class ids, noise and edge inputs), from its manifest."""
+        served = await self.host.get(model, version or None)
+        stain = str(served.metadata.get("stain", "he"))
+        if served.manifest.kind == DENOISER_KIND:
+            _, engine = await self.diffusion.served(model, served.manifest.version, ROLE_IMAGE_RENDERER)
+            return RendererInfo(
+                ref=served.ref, class_names=engine.spec.class_names,
+                noise_spacing=None,  # diffusion starts from seeded Gaussian noise, not a noise label
+                uses_instance_edges=EDGES_CHANNEL in engine.spec.condition_names, stain=stain, diffusion=True,
+            )
+        spec = self.spec(served)
+        return RendererInfo(
+            ref=served.ref,
+            class_names=spec.class_names or tuple(f"class_{i}" for i in range(spec.num_classes)),
+            noise_spacing=spec.noise_spacing, uses_instance_edges=spec.use_instance_edges, stain=stain,
+        )
+
+    async def describe_mask_generator(self, model: str, version: str | None = None) -> MaskGeneratorInfo:
+        """A diffusion nuclei-mask generator's class ids and the nucleus types a request may name."""
+        served, engine = await self.diffusion.served(model, version or "", ROLE_MASK_GENERATOR)
+        return MaskGeneratorInfo(
+            ref=served.ref, class_names=engine.spec.class_names, type_names=engine.spec.condition_names[:-1]
+        )
 
     async def render(
         self,

@@ -14,18 +14,25 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from services._generated.histosynth.v1 import mask_rendering_pb2, mask_rendering_pb2_grpc
+from services._generated.histosynth.v1 import common_pb2, mask_rendering_pb2, mask_rendering_pb2_grpc
 from services.core.config import ServerConfig, check_settings, load_settings, setting
 from services.core.errors import InvalidInputError
 from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
 from services.kserve_v2 import KServeV2Servicer, kserve_registration
-from services.diffusion.pipeline import DiffusionOptions, DiffusionSettings, check_options, shared_pipeline
-from services.diffusion.schedulers import DDIM, DPM_SOLVER_PP
-from services.mask_rendering.pipeline import RenderingPipeline, encode_png
+from services.diffusion.pipeline import DiffusionSettings, shared_pipeline
+from services.diffusion.spec import ROLE_IMAGE_RENDERER, ROLE_MASK_GENERATOR
+from services.core.png import encode_png
+from services.mask_rendering.pipeline import RenderingPipeline
 from services.model_host import ModelHost
 from services import servicer_common
-from services.servicer_common import deadline_of, model_ref_to_proto, require_field
+from services.servicer_common import (
+    deadline_of,
+    description_to_proto,
+    diffusion_options,
+    model_ref_to_proto,
+    require_field,
+)
 from services.tensor_codec import array_to_tensor, tensor_to_array
 
 SERVICE_NAME = mask_rendering_pb2.DESCRIPTOR.services_by_name["MaskRendering"].full_name
@@ -40,26 +47,6 @@ ENCODINGS = {
     mask_rendering_pb2.IMAGE_ENCODING_RAW: "raw",
     mask_rendering_pb2.IMAGE_ENCODING_PNG: "png",
 }
-SCHEDULERS = {
-    mask_rendering_pb2.DIFFUSION_SCHEDULER_UNSPECIFIED: None,
-    mask_rendering_pb2.DIFFUSION_SCHEDULER_DDIM: DDIM,
-    mask_rendering_pb2.DIFFUSION_SCHEDULER_DPM_SOLVER_PP: DPM_SOLVER_PP,
-}
-
-
-def diffusion_options(message: mask_rendering_pb2.DiffusionOptions) -> DiffusionOptions:
-    """Wire options -> DiffusionOptions (0 / unspecified / unset = the model's manifest default)."""
-    if message.scheduler not in SCHEDULERS:
-        raise InvalidInputError(
-            f"diffusion.scheduler: unknown value {message.scheduler}; valid: "
-            f"{[mask_rendering_pb2.DiffusionScheduler.Name(value) for value in SCHEDULERS]}"
-        )
-    steps = int(message.steps) or None
-    guidance = float(message.guidance_scale) if message.HasField("guidance_scale") else None
-    check_options(steps, guidance)
-    return DiffusionOptions(steps=steps, scheduler=SCHEDULERS[message.scheduler], guidance_scale=guidance)
-
-
 class MaskRenderingServicer(mask_rendering_pb2_grpc.MaskRenderingServicer):
     def __init__(self, pipeline: RenderingPipeline) -> None:
         self.pipeline = pipeline
@@ -139,6 +126,21 @@ class MaskRenderingServicer(mask_rendering_pb2_grpc.MaskRenderingServicer):
             model=model_ref_to_proto(result.model),
             class_names=list(result.class_names),
         )
+
+    async def DescribeModel(  # noqa: N802 - gRPC method name
+        self, request: common_pb2.DescribeModelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelDescription:
+        if not request.model:
+            raise InvalidInputError(
+                f"model: name a renderer or mask generator; models hosted here: {self.pipeline.host.model_names()}"
+            )
+        served = await self.pipeline.host.get(request.model, request.model_version or None)
+        kind = served.manifest.kind
+        if kind == "denoiser" and served.metadata.get("role") == ROLE_MASK_GENERATOR:
+            info = await self.pipeline.describe_mask_generator(request.model, served.manifest.version)
+            return description_to_proto(info, kind, ROLE_MASK_GENERATOR)
+        renderer = await self.pipeline.describe_renderer(request.model, served.manifest.version)
+        return description_to_proto(renderer, kind, ROLE_IMAGE_RENDERER if renderer.diffusion else "")
 
 
 @dataclass(frozen=True)

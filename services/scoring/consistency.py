@@ -32,9 +32,9 @@ from typing import Any, Final
 
 import numpy as np
 
+from services.core.arrays import reflect_pad
 from services.core.errors import HistosynthError, InvalidInputError, ModelNotFoundError
 from services.core.model_store import ModelManifest
-from services.mask_refinement.pipeline import reflect_pad
 from services.model_host import ModelHost, ModelRef, ServedModel
 from services.scoring.class_maps import as_map_batch
 from services.scoring.images import as_image_list, groups_by_size, to_model_input

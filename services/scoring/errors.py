@@ -1,16 +1,8 @@
-"""The one error the scoring domain raises for bad input.
-
-It is both an ``InvalidInputError`` (so the servicer maps it to INVALID_ARGUMENT without a
-translation table) and a ``ValueError`` (so numeric callers such as notebooks and the
-data-lake job can catch it the ordinary Python way).
-"""
+"""The one error the scoring domain raises for bad input (defined in services.core.scores, which
+generation shares for the TPS definition): an ``InvalidInputError`` and a ``ValueError``."""
 
 from __future__ import annotations
 
-from services.core.errors import InvalidInputError
+from services.core.scores import ScoringInputError
 
-
-class ScoringInputError(InvalidInputError, ValueError):
-    """Arrays handed to a scoring function have the wrong shape, dtype, range or size."""
-
-    reason = "invalid_scoring_input"
+__all__ = ["ScoringInputError"]

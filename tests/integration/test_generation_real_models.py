@@ -11,7 +11,8 @@ import pytest
 import pytest_asyncio
 
 from services.core.config import ServerConfig
-from services.generation.servicer import GenerationStack, create_stack
+from services.all_in_one import create_stack
+from services.generation.servicer import GenerationStack
 from services.generation.spec import RENDERER_FOR_TISSUE, FractionRange, GenerationSpec, StratumSpec
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

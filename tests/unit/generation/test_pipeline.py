@@ -15,7 +15,8 @@ from services.core.config import ServerConfig
 from services.core.errors import HistosynthError, InvalidInputError
 from services.generation.jobs import JobNotFoundError, JobRegistry, JobState, TooManyJobsError, sample_record
 from services.generation.pipeline import GATE_ATTEMPTS, GeneratedSample, GenerationPipeline, JobCounters
-from services.generation.servicer import GenerationStack, create_stack
+from services.all_in_one import create_stack
+from services.generation.servicer import GenerationStack
 from services.generation.spec import FractionRange, GenerationSpec, StratumSpec
 from tests.fixtures.generation_models import write_generation_store
 

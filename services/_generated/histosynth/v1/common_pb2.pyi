@@ -59,3 +59,33 @@ class Provenance(_message.Message):
     parameters_json: str
     backend: str
     def __init__(self, models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., seed: _Optional[int] = ..., code_version: _Optional[str] = ..., parameters_json: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class DescribeModelRequest(_message.Message):
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ModelDescription(_message.Message):
+    __slots__ = ("model", "kind", "role", "class_names", "noise_spacing", "uses_instance_edges", "stain", "type_names", "guided")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SPACING_FIELD_NUMBER: _ClassVar[int]
+    USES_INSTANCE_EDGES_FIELD_NUMBER: _ClassVar[int]
+    STAIN_FIELD_NUMBER: _ClassVar[int]
+    TYPE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    kind: str
+    role: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    noise_spacing: float
+    uses_instance_edges: bool
+    stain: str
+    type_names: _containers.RepeatedScalarFieldContainer[str]
+    guided: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., noise_spacing: _Optional[float] = ..., uses_instance_edges: _Optional[bool] = ..., stain: _Optional[str] = ..., type_names: _Optional[_Iterable[str]] = ..., guided: _Optional[bool] = ...) -> None: ...

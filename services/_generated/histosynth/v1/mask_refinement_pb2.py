@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services._generated.histosynth.v1 import common_pb2 as histosynth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#histosynth/v1/mask_refinement.proto\x12\rhistosynth.v1\x1a\x1ahistosynth/v1/common.proto\"\xc2\x01\n\rRefineRequest\x12+\n\x0c\x63oarse_masks\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\r\n\x05stain\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rnoise_spacing\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12*\n\x0bguide_masks\x18\x07 \x01(\x0b\x32\x15.histosynth.v1.Tensor\"\x90\x01\n\x0eRefineResponse\x12)\n\nfine_masks\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12+\n\x0cnoise_labels\x18\x02 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.histosynth.v1.ModelRef2W\n\x0eMaskRefinement\x12\x45\n\x06Refine\x12\x1c.histosynth.v1.RefineRequest\x1a\x1d.histosynth.v1.RefineResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#histosynth/v1/mask_refinement.proto\x12\rhistosynth.v1\x1a\x1ahistosynth/v1/common.proto\"\xc2\x01\n\rRefineRequest\x12+\n\x0c\x63oarse_masks\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\r\n\x05stain\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rnoise_spacing\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12*\n\x0bguide_masks\x18\x07 \x01(\x0b\x32\x15.histosynth.v1.Tensor\"\x90\x01\n\x0eRefineResponse\x12)\n\nfine_masks\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12+\n\x0cnoise_labels\x18\x02 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.histosynth.v1.ModelRef2\xae\x01\n\x0eMaskRefinement\x12\x45\n\x06Refine\x12\x1c.histosynth.v1.RefineRequest\x1a\x1d.histosynth.v1.RefineResponse\x12U\n\rDescribeModel\x12#.histosynth.v1.DescribeModelRequest\x1a\x1f.histosynth.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFINEREQUEST']._serialized_end=277
   _globals['_REFINERESPONSE']._serialized_start=280
   _globals['_REFINERESPONSE']._serialized_end=424
-  _globals['_MASKREFINEMENT']._serialized_start=426
-  _globals['_MASKREFINEMENT']._serialized_end=513
+  _globals['_MASKREFINEMENT']._serialized_start=427
+  _globals['_MASKREFINEMENT']._serialized_end=601
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from services._generated.histosynth.v1 import common_pb2 as histosynth_dot_v1_dot_common__pb2
 from services._generated.histosynth.v1 import mask_refinement_pb2 as histosynth_dot_v1_dot_mask__refinement__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -40,6 +41,11 @@ class MaskRefinementStub:
                 request_serializer=histosynth_dot_v1_dot_mask__refinement__pb2.RefineRequest.SerializeToString,
                 response_deserializer=histosynth_dot_v1_dot_mask__refinement__pb2.RefineResponse.FromString,
                 _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/histosynth.v1.MaskRefinement/DescribeModel',
+                request_serializer=histosynth_dot_v1_dot_common__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=histosynth_dot_v1_dot_common__pb2.ModelDescription.FromString,
+                _registered_method=True)
 
 
 class MaskRefinementServicer:
@@ -52,6 +58,13 @@ class MaskRefinementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeModel(self, request, context):
+        """A refiner's description (exact version, guide input); model "" = "mask-refiner".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MaskRefinementServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_MaskRefinementServicer_to_server(servicer, server):
                     servicer.Refine,
                     request_deserializer=histosynth_dot_v1_dot_mask__refinement__pb2.RefineRequest.FromString,
                     response_serializer=histosynth_dot_v1_dot_mask__refinement__pb2.RefineResponse.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=histosynth_dot_v1_dot_common__pb2.DescribeModelRequest.FromString,
+                    response_serializer=histosynth_dot_v1_dot_common__pb2.ModelDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class MaskRefinement:
             '/histosynth.v1.MaskRefinement/Refine',
             histosynth_dot_v1_dot_mask__refinement__pb2.RefineRequest.SerializeToString,
             histosynth_dot_v1_dot_mask__refinement__pb2.RefineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/histosynth.v1.MaskRefinement/DescribeModel',
+            histosynth_dot_v1_dot_common__pb2.DescribeModelRequest.SerializeToString,
+            histosynth_dot_v1_dot_common__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from services._generated.histosynth.v1 import common_pb2 as histosynth_dot_v1_dot_common__pb2
 from services._generated.histosynth.v1 import mask_rendering_pb2 as histosynth_dot_v1_dot_mask__rendering__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -46,6 +47,11 @@ class MaskRenderingStub:
                 request_serializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksRequest.SerializeToString,
                 response_deserializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksResponse.FromString,
                 _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/histosynth.v1.MaskRendering/DescribeModel',
+                request_serializer=histosynth_dot_v1_dot_common__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=histosynth_dot_v1_dot_common__pb2.ModelDescription.FromString,
+                _registered_method=True)
 
 
 class MaskRenderingServicer:
@@ -67,6 +73,13 @@ class MaskRenderingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeModel(self, request, context):
+        """A renderer's or mask generator's description (class names, noise/edge inputs, exact version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MaskRenderingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +92,11 @@ def add_MaskRenderingServicer_to_server(servicer, server):
                     servicer.GenerateNucleiMasks,
                     request_deserializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksRequest.FromString,
                     response_serializer=histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksResponse.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=histosynth_dot_v1_dot_common__pb2.DescribeModelRequest.FromString,
+                    response_serializer=histosynth_dot_v1_dot_common__pb2.ModelDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +155,33 @@ class MaskRendering:
             '/histosynth.v1.MaskRendering/GenerateNucleiMasks',
             histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksRequest.SerializeToString,
             histosynth_dot_v1_dot_mask__rendering__pb2.GenerateNucleiMasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/histosynth.v1.MaskRendering/DescribeModel',
+            histosynth_dot_v1_dot_common__pb2.DescribeModelRequest.SerializeToString,
+            histosynth_dot_v1_dot_common__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,
