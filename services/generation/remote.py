@@ -70,6 +70,10 @@ class GenerationSettings:
     peer_tls_ca: Path | None = setting(
         None, "PEM CA bundle that peers' TLS certificates are verified against; unset = plaintext to peers."
     )
+    peer_tls_cert: Path | None = setting(
+        None, "PEM client certificate chain presented to peers that require client certificates (mutual TLS)."
+    )
+    peer_tls_key: Path | None = setting(None, "PEM private key of HISTOSYNTH_GENERATION_PEER_TLS_CERT.")
     peer_token_file: Path | None = setting(
         None, "File with the bearer token sent to peers ('authorization: Bearer <token>'); unset = none."
     )
@@ -85,6 +89,10 @@ class GenerationSettings:
                 f"{SETTINGS_PREFIX}REFINEMENT_ADDRESS / SCORING_ADDRESS need {SETTINGS_PREFIX}RENDERING_ADDRESS: "
                 "a Generation server either calls peers for every model or hosts them all"
             )
+        if (self.peer_tls_cert is None) != (self.peer_tls_key is None):
+            raise ConfigError(f"set both {SETTINGS_PREFIX}PEER_TLS_CERT and {SETTINGS_PREFIX}PEER_TLS_KEY, or neither")
+        if self.peer_tls_cert is not None and self.peer_tls_ca is None:
+            raise ConfigError(f"{SETTINGS_PREFIX}PEER_TLS_CERT needs {SETTINGS_PREFIX}PEER_TLS_CA (TLS to the peers)")
 
     @property
     def remote(self) -> bool:
@@ -113,7 +121,11 @@ class Peer:
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
         if settings.peer_tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=_read(settings.peer_tls_ca, "PEER_TLS_CA"))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(settings.peer_tls_ca, "PEER_TLS_CA"),
+                private_key=None if settings.peer_tls_key is None else _read(settings.peer_tls_key, "PEER_TLS_KEY"),
+                certificate_chain=None if settings.peer_tls_cert is None else _read(settings.peer_tls_cert, "PEER_TLS_CERT"),
+            )
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.aio.insecure_channel(address, options=options)

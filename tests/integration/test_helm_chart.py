@@ -27,6 +27,7 @@ import yaml
 
 from services.core import metrics, security
 from services.core.config import ServerConfig, env_name
+from services.generation.remote import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "histosynth"
@@ -204,7 +205,17 @@ def test_default_values_render_one_hardened_deployment_per_service(helm: str) ->
         config = _server_settings(config_maps[_component(name)])
         assert config.host == "0.0.0.0"
         assert (config.port, config.metrics_port) == (defaults.port, defaults.metrics_port)
-        assert str(config.model_store) == "/app/model_store"
+        if name == "generation":
+            # Composed over the wire: no model store, no model volume, peers named by their Services.
+            assert "HISTOSYNTH_MODEL_STORE" not in config_maps[_component(name)]["data"]
+            assert "model-store" not in volumes
+            peers = GenerationSettings.from_env(config_maps[_component(name)]["data"])
+            assert peers.rendering_address == f"{_component('mask_rendering')}.{NAMESPACE}.svc:{defaults.port}"
+            assert peers.refinement_address == f"{_component('mask_refinement')}.{NAMESPACE}.svc:{defaults.port}"
+            assert peers.scoring_address == f"{_component('scoring')}.{NAMESPACE}.svc:{defaults.port}"
+            assert peers.peer_token_file == config.auth_token_file  # the release's one token
+        else:
+            assert str(config.model_store) == "/app/model_store"
         mount = next(mount for mount in container["volumeMounts"] if mount["name"] == "auth-token")
         assert config.auth_token_file == Path(mount["mountPath"]) / "token" and mount["readOnly"] is True
         assert not config.tls_enabled and not config.allow_insecure_bind
@@ -236,13 +247,18 @@ def test_gpu_pvc_and_servicemonitor_values(helm: str) -> None:
     for name in SERVICES:
         container = _container(deployments[_component(name)])
         pod = deployments[_component(name)]["spec"]["template"]["spec"]
-        on_gpu = name != "scoring"  # the values file keeps scoring on CPU
+        # The values file keeps scoring on CPU; generation loads no model at all (it calls the others).
+        on_gpu = name not in ("scoring", "generation")
         assert (container["resources"]["limits"].get("nvidia.com/gpu") == 1) is on_gpu, name
         assert container["image"].endswith(":0.1.0-cuda13") is on_gpu, name
         assert ("HISTOSYNTH_DEVICES" in config_maps[_component(name)]["data"]) is on_gpu, name
         assert bool(pod.get("tolerations")) is on_gpu, name
-        # Models come from the claim, read-only, and the server is told where.
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        if name == "generation":
+            assert "model-store" not in volumes and "HISTOSYNTH_MODEL_STORE" not in config_maps[_component(name)]["data"]
+            assert volumes["auth-token"]["secret"]["secretName"] == "histosynth-api-token"
+            continue
+        # Models come from the claim, read-only, and the server is told where.
         assert volumes["model-store"]["persistentVolumeClaim"] == {"claimName": "histosynth-models", "readOnly": True}
         mount = next(mount for mount in container["volumeMounts"] if mount["name"] == "model-store")
         assert mount["readOnly"] is True
@@ -251,7 +267,8 @@ def test_gpu_pvc_and_servicemonitor_values(helm: str) -> None:
         assert volumes["auth-token"]["secret"]["secretName"] == "histosynth-api-token"
         assert volumes["auth-token"]["secret"]["items"] == [{"key": "api-token", "path": "token"}]
     assert ServerConfig.from_env(environ=config_maps[_component("scoring")]["data"]).max_batch_size == 32
-    assert ServerConfig.from_env(environ=config_maps[_component("generation")]["data"]).devices == ("cuda:0", "cpu")
+    assert ServerConfig.from_env(environ=config_maps[_component("mask_rendering")]["data"]).devices == ("cuda:0", "cpu")
+    assert ServerConfig.from_env(environ=config_maps[_component("generation")]["data"]).devices == ("cpu",)
 
     assert not _by_kind(docs, "Secret"), "an existing token Secret is used, none created"
 
@@ -285,15 +302,21 @@ def test_chart_created_claim_and_fixed_replicas(helm: str) -> None:
     assert _component("mask_refinement") not in deployments
     assert not _by_kind(docs, "HorizontalPodAutoscaler") and not _by_kind(docs, "PodDisruptionBudget")
     assert deployments[_component("mask_rendering")]["spec"]["replicas"] == 3
-    for deployment in deployments.values():
+    for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
-        assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        if name == _component("generation"):
+            assert "model-store" not in volumes
+        else:
+            assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
         assert "lifecycle" not in _container(deployment)
         assert "auth-token" not in volumes
     for name, config_map in _by_kind(docs, "ConfigMap").items():
         config = _server_settings(config_map)  # plaintext without a token, allowed explicitly
         assert config.allow_insecure_bind and config.auth_token_file is None and not config.tls_enabled, name
+    # mask_refinement is off here: generation gets no refinement peer (spec.refine: FAILED_PRECONDITION).
+    peers = GenerationSettings.from_env(_by_kind(docs, "ConfigMap")[_component("generation")]["data"])
+    assert peers.refinement_address is None and peers.rendering_address and peers.peer_token_file is None
     assert not _by_kind(docs, "Secret")
 
 
@@ -322,6 +345,12 @@ def test_tls_values_switch_probes_to_the_image_probe_over_tls(helm: str) -> None
             assert command[command.index("--tls-server-name") + 1] == f"{_component(name)}.{NAMESPACE}.svc"
             assert float(command[command.index("--timeout") + 1]) < container[probe]["timeoutSeconds"]
             assert "grpc" not in container[probe]
+    # Generation reaches its peers over the same mutual TLS, with the pod's own certificate.
+    peers = GenerationSettings.from_env(config_maps[_component("generation")]["data"])
+    tls_dir = Path("/var/run/secrets/histosynth/tls")
+    assert (peers.peer_tls_ca, peers.peer_tls_cert, peers.peer_tls_key) == (
+        tls_dir / "ca.crt", tls_dir / "tls.crt", tls_dir / "tls.key")
+    assert peers.scoring_address is None  # scoring is off in this values file
 
 
 def test_config_change_rolls_the_pods(helm: str) -> None:
@@ -350,10 +379,13 @@ def test_config_change_rolls_the_pods(helm: str) -> None:
         (("--skip-schema-validation", "--set", "modelStore.source=s3"), 'modelStore.source="s3": must be one of image, pvc'),
         (("--set", "autoscaling.targetCPUUtilizationPercentage=null", "--set", "autoscaling.pendingRequests.enabled=false"),
          "autoscaling of generation has no metric"),
+        (("--set", "services.mask_rendering.enabled=false"), "calls the mask_rendering Service, which is disabled"),
+        (("--set", "config.HISTOSYNTH_GENERATION_RENDERING_ADDRESS=x:1"), "is set by the chart"),
     ],
     ids=["model-store-source", "config-prefix", "unknown-service", "misspelt-key", "owned-setting",
          "owned-security-setting", "unprotected", "tls-without-secret", "mtls-without-ca",
-         "model-store-source-without-schema", "hpa-without-metric"],
+         "model-store-source-without-schema", "hpa-without-metric", "generation-without-rendering",
+         "owned-peer-setting"],
 )
 def test_bad_values_fail_naming_the_value(helm: str, settings: tuple[str, ...], message: str) -> None:
     result = _run_helm(helm, "template", RELEASE, str(CHART), *settings)
@@ -369,3 +401,15 @@ def test_prometheus_adapter_rule_serves_the_hpa_metric() -> None:
     (rule,) = [rule for rule in adapter["rules"]["custom"] if rule["name"]["as"] == metric]
     assert rule["seriesQuery"].startswith(f"{metric}{{")
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+
+
+def test_embedded_generation_loads_its_own_models(helm: str) -> None:
+    """services.generation.remoteModels=false: the pre-composition layout (model store, GPU, no peers)."""
+    docs = _render(helm, CASES[1], extra=("--set", "services.generation.remoteModels=false"))
+    deployment = _by_kind(docs, "Deployment")[_component("generation")]
+    container = _container(deployment)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(mount["name"] == "model-store" for mount in container["volumeMounts"])
+    data = _by_kind(docs, "ConfigMap")[_component("generation")]["data"]
+    assert not GenerationSettings.from_env(data).remote
+    assert str(_server_settings(_by_kind(docs, "ConfigMap")[_component("generation")]).model_store) == "/models"

@@ -44,9 +44,20 @@ helm.sh/chart: {{ include "histosynth.chart" .root }}
 {{- end -}}
 {{- end -}}
 
-{{/* True ("true") when this service runs on a GPU. Call with (dict "root" $ "service" $service). */}}
+{{/* True ("true") when this service loads models (a model store, maybe a GPU). Generation with
+remoteModels (the default) calls the other Services over gRPC and loads none. Call with $ctx. */}}
+{{- define "histosynth.hostsModels" -}}
+{{- if not (and (eq .name "generation") (ne (toString .service.remoteModels) "false")) -}}true{{- end -}}
+{{- end -}}
+
+{{/* True ("true") when this service runs on a GPU. Call with (dict "root" $ "name" $name "service" $service). */}}
 {{- define "histosynth.usesGpu" -}}
-{{- if and .root.Values.gpu.enabled (ne (toString .service.gpu) "false") -}}true{{- end -}}
+{{- if and .root.Values.gpu.enabled (ne (toString .service.gpu) "false") (include "histosynth.hostsModels" .) -}}true{{- end -}}
+{{- end -}}
+
+{{/* host:port of another service of this release (its ClusterIP Service, TLS name <name>.<namespace>.svc). */}}
+{{- define "histosynth.peerAddress" -}}
+{{- printf "%s.%s.svc:%v" (include "histosynth.componentName" (dict "root" .root "name" .peer)) .root.Release.Namespace .root.Values.ports.grpc -}}
 {{- end -}}
 
 {{/* Full image reference of one service. Call with (dict "root" $ "name" $name "service" $service). */}}
@@ -72,7 +83,29 @@ helm.sh/chart: {{ include "histosynth.chart" .root }}
 HISTOSYNTH_HOST: "0.0.0.0"
 HISTOSYNTH_PORT: {{ .root.Values.ports.grpc | quote }}
 HISTOSYNTH_METRICS_PORT: {{ .root.Values.ports.metrics | quote }}
-{{- if eq .root.Values.modelStore.source "pvc" }}
+{{- if not (include "histosynth.hostsModels" .) }}
+{{- $services := .root.Values.services }}
+HISTOSYNTH_GENERATION_RENDERING_ADDRESS: {{ include "histosynth.peerAddress" (dict "root" .root "peer" "mask_rendering") | quote }}
+{{- if $services.mask_refinement.enabled }}
+HISTOSYNTH_GENERATION_REFINEMENT_ADDRESS: {{ include "histosynth.peerAddress" (dict "root" .root "peer" "mask_refinement") | quote }}
+{{- end }}
+{{- if $services.scoring.enabled }}
+HISTOSYNTH_GENERATION_SCORING_ADDRESS: {{ include "histosynth.peerAddress" (dict "root" .root "peer" "scoring") | quote }}
+{{- end }}
+{{- if .root.Values.security.auth.enabled }}
+HISTOSYNTH_GENERATION_PEER_TOKEN_FILE: {{ printf "%s/token" (include "histosynth.authMountPath" .) | quote }}
+{{- end }}
+{{- if .root.Values.security.tls.enabled }}
+{{- $tlsPath := include "histosynth.tlsMountPath" . }}
+{{- if .root.Values.security.tls.clientCA }}
+HISTOSYNTH_GENERATION_PEER_TLS_CA: {{ printf "%s/ca.crt" $tlsPath | quote }}
+HISTOSYNTH_GENERATION_PEER_TLS_CERT: {{ printf "%s/tls.crt" $tlsPath | quote }}
+HISTOSYNTH_GENERATION_PEER_TLS_KEY: {{ printf "%s/tls.key" $tlsPath | quote }}
+{{- else }}
+HISTOSYNTH_GENERATION_PEER_TLS_CA: {{ printf "%s/tls.crt" $tlsPath | quote }}
+{{- end }}
+{{- end }}
+{{- else if eq .root.Values.modelStore.source "pvc" }}
 HISTOSYNTH_MODEL_STORE: {{ .root.Values.modelStore.mountPath | quote }}
 {{- else }}
 HISTOSYNTH_MODEL_STORE: {{ .root.Values.modelStore.imagePath | quote }}
@@ -132,7 +165,7 @@ grpc:
 {{- if not (has .Values.modelStore.source $sources) -}}
 {{- fail (printf "modelStore.source=%q: must be one of %s" .Values.modelStore.source (join ", " $sources)) -}}
 {{- end -}}
-{{- $owned := list "HISTOSYNTH_HOST" "HISTOSYNTH_PORT" "HISTOSYNTH_METRICS_PORT" "HISTOSYNTH_MODEL_STORE" "HISTOSYNTH_DEVICES" "HISTOSYNTH_TLS_CERT" "HISTOSYNTH_TLS_KEY" "HISTOSYNTH_TLS_CLIENT_CA" "HISTOSYNTH_TLS_REQUIRE_CLIENT_CERT" "HISTOSYNTH_AUTH_TOKEN_FILE" "HISTOSYNTH_AUTH_OPEN_REFLECTION" "HISTOSYNTH_ALLOW_INSECURE_BIND" -}}
+{{- $owned := list "HISTOSYNTH_HOST" "HISTOSYNTH_PORT" "HISTOSYNTH_METRICS_PORT" "HISTOSYNTH_MODEL_STORE" "HISTOSYNTH_DEVICES" "HISTOSYNTH_TLS_CERT" "HISTOSYNTH_TLS_KEY" "HISTOSYNTH_TLS_CLIENT_CA" "HISTOSYNTH_TLS_REQUIRE_CLIENT_CERT" "HISTOSYNTH_AUTH_TOKEN_FILE" "HISTOSYNTH_AUTH_OPEN_REFLECTION" "HISTOSYNTH_ALLOW_INSECURE_BIND" "HISTOSYNTH_GENERATION_RENDERING_ADDRESS" "HISTOSYNTH_GENERATION_REFINEMENT_ADDRESS" "HISTOSYNTH_GENERATION_SCORING_ADDRESS" "HISTOSYNTH_GENERATION_PEER_TOKEN_FILE" "HISTOSYNTH_GENERATION_PEER_TLS_CA" "HISTOSYNTH_GENERATION_PEER_TLS_CERT" "HISTOSYNTH_GENERATION_PEER_TLS_KEY" -}}
 {{- $security := .Values.security -}}
 {{- if not (or $security.auth.enabled $security.tls.enabled $security.allowInsecureBind) -}}
 {{- fail "security: pods listen on 0.0.0.0 and the server refuses to start unprotected; enable security.auth and/or security.tls, or set security.allowInsecureBind=true only behind a network that protects the calls (e.g. an mTLS service mesh)" -}}
@@ -144,6 +177,10 @@ grpc:
 {{- fail "security.tls.requireClientCert needs security.tls.clientCA=true (the Secret's ca.crt verifies the client certificates)" -}}
 {{- end -}}
 {{- $known := list "mask_refinement" "mask_rendering" "scoring" "generation" -}}
+{{- $generation := .Values.services.generation -}}
+{{- if and $generation.enabled (ne (toString $generation.remoteModels) "false") (not .Values.services.mask_rendering.enabled) -}}
+{{- fail "services.generation.remoteModels (the default) calls the mask_rendering Service, which is disabled; enable services.mask_rendering, or set services.generation.remoteModels=false to load the models in Generation" -}}
+{{- end -}}
 {{- range $name, $service := .Values.services -}}
 {{- if not (has $name $known) -}}
 {{- fail (printf "services.%s: unknown service; valid: %s" $name (join ", " $known)) -}}
