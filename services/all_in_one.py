@@ -153,7 +153,7 @@ async def start_all(
             if host is not None:
                 running.hosts.append(host)
                 await host.start()
-        metrics_port = config.metrics_port
+        metrics_port = config.resolved_metrics_port  # derived from the base port (--port) unless set
         for name in SERVICE_ORDER:
             if name not in services:
                 continue

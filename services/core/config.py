@@ -54,6 +54,19 @@ def _port(value: int | None) -> str | None:
     return "must be a TCP port in 0..65535 (0 picks a free port)"
 
 
+DERIVED_METRICS_PORT = -1  # metrics_port's default: derive it from the gRPC port
+METRICS_PORT_BASE = 9464  # the metrics port of the default gRPC port 50051 (Prometheus' exporter range)
+DEFAULT_GRPC_PORT = 50051
+
+
+def derived_metrics_port(grpc_port: int) -> int:
+    """50051 -> 9464 and so on upwards; 0 (a free gRPC port) -> 0 (a free metrics port)."""
+    if grpc_port == 0:
+        return 0
+    offset = DEFAULT_GRPC_PORT - METRICS_PORT_BASE
+    return grpc_port - offset if grpc_port > offset else grpc_port + 10000
+
+
 def _devices(value: tuple[str, ...]) -> str | None:
     if not value:
         return "needs at least one device"
@@ -125,6 +138,12 @@ class ServerConfig:
         5.0, "How long the batcher waits for more requests to fill a batch, in milliseconds.",
         _at_least(0.0),
     )
+    dispatch_when_idle: bool = setting(
+        True,
+        "Send a request to its model at once when the model computes nothing, instead of waiting up to "
+        "HISTOSYNTH_MAX_QUEUE_DELAY_MS for more requests; requests arriving while it computes still gather "
+        "into the next batch. false = always wait (Triton's behaviour).",
+    )
     max_queue_size: int = setting(
         256, "Requests waiting per model beyond which new ones are refused with RESOURCE_EXHAUSTED.",
         _at_least(1),
@@ -137,8 +156,11 @@ class ServerConfig:
     )
     port: int = setting(50051, "gRPC port; 0 picks a free port.", _port)
     metrics_port: int | None = setting(
-        9464, "Prometheus /metrics HTTP port; 0 picks a free port, 'off' disables the endpoint.",
-        _port,
+        -1,
+        "Prometheus /metrics HTTP port; 0 picks a free port, 'off' disables the endpoint. -1 (default) derives "
+        "it from HISTOSYNTH_PORT / --port: gRPC port - 40587 (50051 -> 9464, 50052 -> 9465, ...; gRPC ports "
+        "below 40588: + 10000), so servers started on different gRPC ports never fight over one metrics port.",
+        lambda value: None if value == DERIVED_METRICS_PORT else _port(value),
     )
     max_message_bytes: int = setting(
         64 * 1024 * 1024,
@@ -276,6 +298,13 @@ class ServerConfig:
                 f"{env_name(ENV_PREFIX, 'tls_require_client_cert')}=true needs "
                 f"{env_name(ENV_PREFIX, 'tls_client_ca')} (the CA that signs accepted client certificates)"
             )
+
+    @property
+    def resolved_metrics_port(self) -> int | None:
+        """The metrics port to bind: the explicit setting, or the one derived from ``port`` (see metrics_port)."""
+        if self.metrics_port != DERIVED_METRICS_PORT:
+            return self.metrics_port
+        return derived_metrics_port(self.port)
 
     @property
     def tls_enabled(self) -> bool:

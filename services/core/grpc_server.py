@@ -517,9 +517,10 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     metrics_server = None
-    if config.metrics_port is not None:
+    metrics_port = config.resolved_metrics_port  # derived from config.port unless set
+    if metrics_port is not None:
         try:
-            metrics_server = metrics.start_metrics_http_server(config.host, config.metrics_port)
+            metrics_server = metrics.start_metrics_http_server(config.host, metrics_port)
         except BaseException:
             await server.stop(None)
             raise

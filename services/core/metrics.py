@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
@@ -34,8 +35,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
+from wsgiref.simple_server import make_server
 
 _log = logging.getLogger(__name__)
 
@@ -227,6 +230,70 @@ GPU_MEMORY_TOTAL = Gauge(
 )
 
 
+class InferenceStats:
+    """Cumulative counts and durations of one model version in this process, in the shape of Triton's
+    model statistics (the v2 ModelStatistics RPC reads them; perf_analyzer reports server-side times).
+
+    Prometheus histograms hold the same sums, but not per batch size or the last success time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.success_count = 0
+        self.success_ns = 0
+        self.fail_count = 0
+        self.queue_count = 0
+        self.queue_ns = 0
+        self.compute_count = 0  # rows run (each row of a batch counts the batch's duration, as Triton does)
+        self.compute_ns = 0
+        self.execution_count = 0  # runtime calls (batches)
+        self.last_success_ms = 0
+        self.batches: dict[int, list[int]] = {}  # batch size -> [count, ns]
+
+    def success(self, seconds: float) -> None:
+        with self._lock:
+            self.success_count += 1
+            self.success_ns += int(seconds * 1e9)
+            self.last_success_ms = int(time.time() * 1000)
+
+    def failure(self) -> None:
+        with self._lock:
+            self.fail_count += 1
+
+    def queued(self, seconds: float) -> None:
+        with self._lock:
+            self.queue_count += 1
+            self.queue_ns += int(seconds * 1e9)
+
+    def batch(self, samples: int, seconds: float) -> None:
+        ns = int(seconds * 1e9)
+        with self._lock:
+            self.execution_count += 1
+            self.compute_count += samples
+            self.compute_ns += samples * ns
+            entry = self.batches.setdefault(samples, [0, 0])
+            entry[0] += 1
+            entry[1] += ns
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {key: (dict((k, list(v)) for k, v in value.items()) if key == "batches" else value)
+                    for key, value in vars(self).items() if not key.startswith("_")}
+
+
+_STATS: dict[tuple[str, str], InferenceStats] = {}
+_STATS_LOCK = threading.Lock()
+
+
+def inference_stats(model: str, version: str) -> InferenceStats:
+    """The process-wide statistics of ``model``/``version`` (created on first use)."""
+    with _STATS_LOCK:
+        stats = _STATS.get((model, version))
+        if stats is None:
+            stats = _STATS[(model, version)] = InferenceStats()
+        return stats
+
+
 @dataclass(frozen=True)
 class ModelMetrics:
     """Model-level metrics bound to one (model, version) label pair.
@@ -242,19 +309,23 @@ class ModelMetrics:
         """One request answered; ``total_s`` is its submit-to-result time."""
         MODEL_REQUESTS.labels(self.model, self.version, STATUS_SUCCESS, REASON_NONE).inc()
         MODEL_REQUEST_DURATION.labels(self.model, self.version).observe(total_s)
+        inference_stats(self.model, self.version).success(total_s)
 
     def observe_queue_wait(self, seconds: float) -> None:
         """A request left the queue for compute after waiting ``seconds``."""
         MODEL_QUEUE_DURATION.labels(self.model, self.version).observe(seconds)
+        inference_stats(self.model, self.version).queued(seconds)
 
     def record_failure(self, reason: str) -> None:
         """One request failed; ``reason`` is an errors.HistosynthError.reason or REASON_CANCELLED."""
         MODEL_REQUESTS.labels(self.model, self.version, STATUS_FAILURE, reason).inc()
+        inference_stats(self.model, self.version).failure()
 
     def record_batch(self, *, samples: int, compute_s: float) -> None:
         """One merged batch went through the runtime."""
         MODEL_BATCH_SIZE.labels(self.model, self.version).observe(samples)
         MODEL_COMPUTE_DURATION.labels(self.model, self.version).observe(compute_s)
+        inference_stats(self.model, self.version).batch(samples, compute_s)
 
     def pending_inc(self, amount: int = 1) -> None:
         MODEL_PENDING_REQUESTS.labels(self.model, self.version).inc(amount)
@@ -411,7 +482,7 @@ def start_metrics_http_server(
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, got {port!r}")
-    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    server, thread = _serve_metrics_only(host, port)
     bound_port = int(server.server_address[1])
     sampler = None
     if sample_gpu:
@@ -420,6 +491,36 @@ def start_metrics_http_server(
             sampler = None
     _log.info("metrics endpoint on http://%s:%d/metrics", host, bound_port)
     return MetricsHttpServer(host=host, port=bound_port, server=server, thread=thread, gpu_sampler=sampler)
+
+
+METRICS_PATH: Final = "/metrics"
+
+
+def _metrics_only_app(app: Any) -> Any:
+    """The exposition at /metrics only: any other path is 404 (a typo'd scrape path must not look healthy)."""
+
+    def routed(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "") != METRICS_PATH:
+            body = f"not found: histosynth serves Prometheus metrics at {METRICS_PATH}\n".encode()
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                             ("Content-Length", str(len(body)))])
+            return [body]
+        return app(environ, start_response)
+
+    return routed
+
+
+def _serve_metrics_only(host: str, port: int) -> tuple[Any, threading.Thread]:
+    """prometheus_client's start_http_server, routed through :func:`_metrics_only_app`."""
+
+    class Server(ThreadingWSGIServer):
+        pass
+
+    Server.address_family, addr = _get_best_family(host, port)
+    httpd = make_server(addr, port, _metrics_only_app(make_wsgi_app(REGISTRY)), Server, handler_class=_SilentHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="histosynth-metrics", daemon=True)
+    thread.start()
+    return httpd, thread
 
 
 def render_exposition() -> bytes:

@@ -78,7 +78,7 @@ def test_config_is_frozen() -> None:
     [
         ("HISTOSYNTH_PORT", "http", "expected an integer"),
         ("HISTOSYNTH_PORT", "70000", "must be a TCP port"),
-        ("HISTOSYNTH_METRICS_PORT", "-1", "must be a TCP port"),
+        ("HISTOSYNTH_METRICS_PORT", "-2", "must be a TCP port"),
         ("HISTOSYNTH_MAX_BATCH_SIZE", "0", "must be >= 1"),
         ("HISTOSYNTH_MAX_QUEUE_DELAY_MS", "soon", "expected a number"),
         ("HISTOSYNTH_DRAIN_GRACE_S", "-2", "must be >= 0.0"),
