@@ -34,6 +34,16 @@ Engines (``--engine``): ``local`` streams every missing sample from one Generate
 process; ``ray`` runs one Ray task per missing shard (RAY_ADDRESS names a cluster, else a local
 Ray instance is started), each task calling the same generation servers and committing its
 own shard. Both write byte-identical shards.
+
+Credentials on Ray workers: a task on another node does not see the driver's environment or
+~/.aws, so ``--storage-options`` travel with each task and the driver's cloud credentials are
+passed as the tasks' environment (``runtime_env.env_vars``, see :func:`worker_environment`): every
+AWS_* / GOOGLE_* / AZURE_* / GCS_* variable set on the driver, plus, for s3:// destinations without
+a key in ``--storage-options``, the credentials botocore resolves on the driver (profile, SSO, instance
+role) as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN. Session tokens expire: a long
+run needs credentials that outlive it (or a worker role on the cluster). They are visible to whoever
+can inspect the Ray job (its runtime_env); on a shared cluster give workers their own role instead and
+pass ``--no-forward-credentials``.
 """
 
 from __future__ import annotations
@@ -365,6 +375,7 @@ class ShardJob:
     storage_options: Mapping[str, Any] | None
     missing: Mapping[int, tuple[str, ...]]  # shard -> formats not yet at the destination
     timeout: float | None
+    forward_credentials: bool = True  # ray: pass the driver's cloud credentials to the tasks
 
 
 ShardDone = Callable[[int, int, int], None]  # (shard, samples generated, files committed)
@@ -388,6 +399,40 @@ def _make_shard_task(connection: Mapping[str, Any], job: ShardJob, shard: int) -
     return shard, len(samples), _commit_shard(destination, shard, samples, job.missing[shard])
 
 
+CREDENTIAL_ENV_PREFIXES: Final = ("AWS_", "GOOGLE_", "AZURE_", "GCS_")
+
+
+def worker_environment(
+    uri: str, storage_options: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None,
+    *, resolve_aws: bool = True,
+) -> dict[str, str]:
+    """Environment variables a Ray task needs to reach ``uri`` with the driver's credentials.
+
+    The driver's cloud credential variables, and for s3:// URIs without ``key`` / ``secret`` in
+    ``storage_options`` the credentials botocore resolves here (profiles and roles live in files or
+    metadata services the workers may not have).
+    """
+    environ = os.environ if environ is None else environ
+    env = {key: value for key, value in environ.items() if key.startswith(CREDENTIAL_ENV_PREFIXES)}
+    options = dict(storage_options or {})
+    if resolve_aws and uri.startswith(("s3://", "s3a://")) and not ({"key", "secret"} & set(options)) \
+            and "AWS_ACCESS_KEY_ID" not in env:
+        try:
+            import botocore.session
+        except ImportError:
+            return env
+        profile = options.get("profile") or environ.get("AWS_PROFILE")
+        credentials = botocore.session.Session(profile=profile).get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            env["AWS_ACCESS_KEY_ID"] = frozen.access_key
+            env["AWS_SECRET_ACCESS_KEY"] = frozen.secret_key
+            if frozen.token:
+                env["AWS_SESSION_TOKEN"] = frozen.token
+            env.pop("AWS_PROFILE", None)  # the profile's file is not on the workers
+    return env
+
+
 def run_ray(client: HistosynthClient, job: ShardJob, destination: Destination, done: ShardDone) -> None:
     """One Ray task per missing shard, against the same generation servers as ``client``.
 
@@ -407,7 +452,12 @@ def run_ray(client: HistosynthClient, job: ShardJob, destination: Destination, d
     if started_here:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     try:
-        task = ray.remote(num_cpus=1)(_make_shard_task)
+        options: dict[str, Any] = {"num_cpus": 1}
+        if job.forward_credentials:
+            env = worker_environment(job.uri, job.storage_options)
+            if env:
+                options["runtime_env"] = {"env_vars": env}
+        task = ray.remote(**options)(_make_shard_task)
         pending = [task.remote(connection, job, shard) for shard in sorted(job.missing)]
         try:
             while pending:
@@ -443,6 +493,7 @@ def augment(
     timeout: float | None = None,
     engine: str = "local",
     on_shard: Callable[[int], None] | None = None,
+    forward_credentials: bool = True,
 ) -> AugmentSummary:
     """Generate the spec's missing shards into ``uri``; ``on_shard(k)`` runs once shard k is in every format."""
     formats = tuple(dict.fromkeys(formats))
@@ -466,7 +517,8 @@ def augment(
             on_shard(shard)
 
     if missing:
-        run(client, ShardJob(spec, plan, uri, storage_options, missing, timeout), destination, done)
+        job = ShardJob(spec, plan, uri, storage_options, missing, timeout, forward_credentials)
+        run(client, job, destination, done)
     destination.clear_tmp()  # empty after a clean run; removing it leaves only the dataset
     return AugmentSummary(
         uri=uri,
@@ -499,7 +551,8 @@ def cmd_augment(args: argparse.Namespace) -> int:
         raise SystemExit(str(error)) from None
     with _Embedded(args) as client:
         summary = augment(client, spec, args.out, shard_size=args.shard_size, formats=formats,
-                          storage_options=storage_options, timeout=args.timeout, engine=args.engine)
+                          storage_options=storage_options, timeout=args.timeout, engine=args.engine,
+                          forward_credentials=not args.no_forward_credentials)
     print(summary.line())
     return 0
 
@@ -522,5 +575,8 @@ def add_augment_parser(commands: argparse._SubParsersAction) -> None:  # type: i
     parser.add_argument("--engine", choices=sorted(ENGINES), default="local",
                         help="local: one stream in this process (default); ray: one Ray task per shard "
                              "(RAY_ADDRESS names a cluster, else a local one is started)")
+    parser.add_argument("--no-forward-credentials", action="store_true",
+                        help="ray: do not pass the driver's cloud credentials (AWS_*/GOOGLE_*/AZURE_*/GCS_* variables, "
+                             "botocore-resolved S3 keys) to the tasks' environment; workers use their own")
     parser.add_argument("--timeout", type=float, help="deadline for the whole stream (per shard with ray), seconds")
     parser.set_defaults(func=cmd_augment)

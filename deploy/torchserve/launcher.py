@@ -1,7 +1,8 @@
 """Start and stop a private TorchServe on loopback: every listener on 127.0.0.1 at a free port.
 
-Used by tests/integration/test_torchserve.py and bench/bench_serving.py. ``start`` writes a config whose
-REST (inference, management, metrics) and gRPC listeners are on free loopback ports, runs
+Used by tests/integration/test_torchserve.py and bench/bench_serving.py. ``start`` writes the shipped
+deploy/torchserve/config.properties with its REST (inference, management, metrics) and gRPC listeners moved to
+free loopback ports, runs
 `torchserve --start --ncs --disable-token-auth` with TorchServe's pid file, worker sockets and logs under
 ``work_dir``, and waits until each model has a READY worker (/ping says Healthy before the worker has
 loaded the model). ``stop`` runs `torchserve --stop` and waits for the frontend and its workers to exit,
@@ -24,6 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+
+SHIPPED_CONFIG = Path(__file__).with_name("config.properties")
+
+
+def shipped_config(path: Path = SHIPPED_CONFIG) -> dict[str, str]:
+    """deploy/torchserve/config.properties as {key: value} (comments and blank lines dropped)."""
+    settings: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
 
 
 def torchserve_executable() -> str | None:
@@ -124,26 +139,19 @@ def start(
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     work_dir.mkdir(parents=True, exist_ok=True)
     config = work_dir / "config.properties"
-    config.write_text(
-        "\n".join(
-            [
-                f"inference_address=http://127.0.0.1:{inference}",
-                f"management_address=http://127.0.0.1:{management}",
-                f"metrics_address=http://127.0.0.1:{metrics}",
-                "grpc_inference_address=127.0.0.1",
-                f"grpc_inference_port={grpc_inference}",
-                "grpc_management_address=127.0.0.1",
-                f"grpc_management_port={grpc_management}",
-                "default_workers_per_model=1",
-                "install_py_dep_per_model=false",
-                # Tensors travel as base64 JSON: a 512x1024 renderer input is tens of MB, far over the
-                # 6.5 MB default limits.
-                f"max_request_size={max_message_bytes}",
-                f"max_response_size={max_message_bytes}",
-            ]
-        )
-        + "\n"
-    )
+    settings = shipped_config()
+    settings.update({
+        "inference_address": f"http://127.0.0.1:{inference}",
+        "management_address": f"http://127.0.0.1:{management}",
+        "metrics_address": f"http://127.0.0.1:{metrics}",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_inference_port": str(grpc_inference),
+        "grpc_management_address": "127.0.0.1",
+        "grpc_management_port": str(grpc_management),
+        "max_request_size": str(max_message_bytes),
+        "max_response_size": str(max_message_bytes),
+    })
+    config.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
     # TorchServe keeps its pid file, worker sockets and logs under TMPDIR/TEMP and LOG_LOCATION:
     # point them all into work_dir so parallel runs and the repository stay untouched.
     log_dir = work_dir / "logs"
