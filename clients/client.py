@@ -1,22 +1,28 @@
 """Typed Python client for the histosynth services: numpy in, numpy out.
 
     from clients.client import HistosynthClient
-    with HistosynthClient("127.0.0.1:50051") as client:          # one target for every service
+    with HistosynthClient(base_port=50051) as client:             # `histosynth serve --all` on 127.0.0.1
         fine = client.refine(coarse_masks).fine_masks
         images = client.render(class_maps, model="renderer-he-nuclei").images
-        for sample in client.generate(spec):                      # GenerationSpec or YAML-style dict
+        for sample in client.generate("clients/specs/nuclei.yaml"):   # spec file, GenerationSpec or dict
             sample.image, sample.mask, sample.scores
+            sample.save("out/")                                    # image/mask/instances PNGs + JSON
+        client.consistency(images, class_maps, renderer="renderer-he-nuclei").miou
 
-Services on separate ports (``histosynth serve --all``) are reached by passing
-``targets={"refinement": ..., "rendering": ..., "generation": ...}``. Servers started with TLS
+``base_port`` reaches the ports ``serve --all`` uses (base + SERVE_ALL_PORT_OFFSETS[service], on ``target``'s
+host, default 127.0.0.1); ``targets={"refinement": ..., "rendering": ..., "generation": ..., "scoring": ...}``
+names one address per service; a lone ``target`` serves every service (one server hosting them all, or a
+proxy in front). Servers started with TLS
 and/or a bearer token (HISTOSYNTH_TLS_*, HISTOSYNTH_AUTH_TOKEN_FILE) are reached with
 ``HistosynthClient(target, channel_credentials=tls_credentials(ca_file, cert_file, key_file),
-token=...)``. Errors arrive as
-``grpc.RpcError`` with the server's status code and actionable message.
+token=...)``. Errors arrive as :class:`HistosynthRpcError` subclasses by status (InvalidArgument,
+NotFound, ResourceExhausted, Unavailable, ...): still ``grpc.RpcError`` with ``code()`` and
+``details()`` (the server's actionable message), so either can be caught.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import namedtuple
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,11 +42,15 @@ from services._generated.histosynth.v1 import (
     mask_refinement_pb2_grpc,
     mask_rendering_pb2,
     mask_rendering_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
 )
 from services.diffusion.pipeline import DiffusionOptions
 from services.generation.spec import FractionRange, GenerationSpec, StratumSpec
 
-SERVICES = ("refinement", "rendering", "generation")
+SERVICES = ("refinement", "rendering", "generation", "scoring")
+# `histosynth serve --all` ports: base + offset (services.all_in_one.PORT_OFFSETS; a test keeps them equal).
+SERVE_ALL_PORT_OFFSETS = {"refinement": 0, "rendering": 1, "generation": 2, "scoring": 3}
 JOB_STATES = {
     generation_pb2.JOB_STATE_UNSPECIFIED: "unspecified",
     generation_pb2.JOB_STATE_QUEUED: "queued",
@@ -50,6 +60,89 @@ JOB_STATES = {
     generation_pb2.JOB_STATE_CANCELLED: "cancelled",
 }
 _MESSAGE_LIMIT = 64 * 1024 * 1024
+
+
+# -------------------------------------------------------------------------- errors
+class HistosynthRpcError(grpc.RpcError, Exception):
+    """A call failed: ``code()`` is the gRPC status, ``details()`` the server's message (what to do next)."""
+
+    status: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
+        super().__init__(f"{method + ': ' if method else ''}{code.name}: {details}")
+        self._code, self._details, self.method = code, details, method
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class InvalidArgumentError(HistosynthRpcError, ValueError):
+    """The request is malformed (shape, dtype, spec field); fix it, do not retry as is."""
+
+
+class NotFoundError(HistosynthRpcError, LookupError):
+    """Unknown model, version or job."""
+
+
+class FailedPreconditionError(HistosynthRpcError):
+    """The server lacks what the request needs (a peer service, a segmenter for the gate)."""
+
+
+class ResourceExhaustedError(HistosynthRpcError):
+    """Queue full, memory budget or message size exceeded: back off, send less, or add replicas."""
+
+
+class UnavailableError(HistosynthRpcError, ConnectionError):
+    """The server (or one of its peers) cannot be reached or is draining: retry later or elsewhere."""
+
+
+class DeadlineExceededError(HistosynthRpcError, TimeoutError):
+    """The call's deadline passed."""
+
+
+class UnauthenticatedError(HistosynthRpcError, PermissionError):
+    """Missing or wrong bearer token / client certificate."""
+
+
+class CancelledError(HistosynthRpcError):
+    """The call or its job was cancelled."""
+
+
+ERRORS_BY_STATUS: dict[grpc.StatusCode, type[HistosynthRpcError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: UnauthenticatedError,
+    grpc.StatusCode.CANCELLED: CancelledError,
+}
+
+
+def typed_error(error: grpc.RpcError, method: str = "") -> HistosynthRpcError:
+    """The typed error of a failed call (HistosynthRpcError for statuses without a subclass)."""
+    if isinstance(error, HistosynthRpcError):
+        return error
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else str(error)) or ""
+    return ERRORS_BY_STATUS.get(code, HistosynthRpcError)(code, details, method)
+
+
+def _typed_errors(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except grpc.RpcError as error:
+            raise typed_error(error, method.__name__) from None
+
+    return call
 
 
 # ------------------------------------------------------------------------- results
@@ -118,6 +211,24 @@ class ClientSample:
         """Decoded RGB uint8 [H, W, 3]."""
         bgr = cv2.imdecode(np.frombuffer(self.image_png, np.uint8), cv2.IMREAD_COLOR)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def record(self) -> dict[str, Any]:
+        """The sample's JSON metadata (what save() and `histosynth generate` write beside the PNGs)."""
+        return {
+            "index": self.index,
+            "stratum": self.stratum,
+            "class_names": list(self.class_names),
+            "scores": dict(sorted(self.scores.items())),
+            "provenance": self.provenance,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write NNNNNN_image.png (the server's PNG bytes, unchanged), NNNNNN_mask.png (uint8),
+        NNNNNN_instances.png (uint16) and NNNNNN.json (last) into ``directory``; returns the JSON path.
+        The layout of a server sink and of `histosynth generate`, so the same readers work."""
+        from services.generation.sink import SampleWriter
+
+        return SampleWriter(directory).write(self.index, self.image_png, self.mask, self.instances, self.record())
 
 
 @dataclass(frozen=True)
@@ -276,6 +387,36 @@ def _job(message: generation_pb2.Job) -> JobStatus:
     )
 
 
+SpecLike = GenerationSpec | Mapping[str, Any] | str | Path
+
+
+def load_spec_file(path: str | Path) -> GenerationSpec:
+    """A YAML spec file (the format of clients/specs/*.yaml) as a GenerationSpec; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"spec file {str(path)!r}: cannot read it ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"spec file {str(path)!r}: not valid YAML ({error})") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"spec file {str(path)!r}: expected a mapping of spec fields, got {type(data).__name__}")
+    try:
+        return spec_from_dict(data)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"spec file {str(path)!r}: {error}") from None
+
+
+def as_spec(spec: SpecLike) -> GenerationSpec:
+    if isinstance(spec, GenerationSpec):
+        return spec
+    if isinstance(spec, (str, Path)):
+        return load_spec_file(spec)
+    return spec_from_dict(spec)
+
+
 def sample_from_proto(message: generation_pb2.Sample) -> ClientSample:
     provenance = message.provenance
     instances = None
@@ -298,6 +439,28 @@ def sample_from_proto(message: generation_pb2.Sample) -> ClientSample:
             "backend": provenance.backend,
         },
     )
+
+
+@dataclass(frozen=True)
+class ConsistencyOutput:
+    miou: np.ndarray  # float64 [N]: per image, mean IoU over the classes present in mask or prediction
+    passed: np.ndarray  # bool [N]: miou >= min_miou
+    mean_miou: float
+    segmenter: ModelInfo
+    predictions: np.ndarray | None  # uint8 [N, H, W] segmenter class maps, when asked for
+
+
+def _image_set(images: np.ndarray | Sequence[bytes]) -> scoring_pb2.ImageSet:
+    """uint8 [N, H, W, 3] (or [H, W, 3]) RGB arrays, or a list of PNG bytes."""
+    if isinstance(images, np.ndarray):
+        return scoring_pb2.ImageSet(images=tensor_codec.array_to_tensor(np.asarray(images, np.uint8)))
+    return scoring_pb2.ImageSet(png_images=list(images))
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 # ---------------------------------------------------------------------- transport
@@ -389,6 +552,9 @@ class HistosynthClient:
     target: str = ""
     targets: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None  # default per-call deadline in seconds
+    # `histosynth serve --all --port BASE`: every service at BASE + SERVE_ALL_PORT_OFFSETS[service] on
+    # ``target``'s host (``target`` is then a host name, default 127.0.0.1); ``targets`` still win.
+    base_port: int | None = None
     # TLS / mutual TLS to servers started with HISTOSYNTH_TLS_*: see tls_credentials(); None = plaintext.
     channel_credentials: grpc.ChannelCredentials | None = field(default=None, repr=False)
     # Bearer token for servers started with HISTOSYNTH_AUTH_TOKEN_FILE, sent on every call as
@@ -399,8 +565,17 @@ class HistosynthClient:
         unknown = sorted(set(self.targets) - set(SERVICES))
         if unknown:
             raise ValueError(f"targets: unknown service(s) {unknown}; valid: {list(SERVICES)}")
+        if self.base_port is not None:
+            if not 0 < self.base_port <= 65535 - max(SERVE_ALL_PORT_OFFSETS.values()):
+                raise ValueError(f"base_port={self.base_port}: must leave room for every service's port")
+            host = self.target or "127.0.0.1"
+            if ":" in host and not host.startswith("["):
+                raise ValueError(f"with base_port, target is a host name without a port, got {host!r}")
+            derived = {name: f"{host}:{self.base_port + offset}" for name, offset in SERVE_ALL_PORT_OFFSETS.items()}
+            self.targets = {**derived, **dict(self.targets)}
+            self.target = ""
         if not self.target and not self.targets:
-            raise ValueError("give a target 'host:port' (or targets per service)")
+            raise ValueError("give a target 'host:port', base_port (serve --all), or targets per service")
         self._channels: dict[str, grpc.Channel] = {}
 
     def _channel(self, service: str) -> grpc.Channel:
@@ -428,6 +603,7 @@ class HistosynthClient:
         self.close()
 
     # ------------------------------------------------------------------ calls
+    @_typed_errors
     def refine(
         self,
         coarse_masks: np.ndarray,
@@ -458,6 +634,7 @@ class HistosynthClient:
             model=_model(response.model),
         )
 
+    @_typed_errors
     def render(
         self,
         class_masks: np.ndarray,
@@ -490,6 +667,7 @@ class HistosynthClient:
             images=np.array(tensor_codec.tensor_to_array(response.images, "images")), model=_model(response.model)
         )
 
+    @_typed_errors
     def generate_nuclei_masks(
         self,
         types: Sequence[str] = (),
@@ -523,42 +701,135 @@ class HistosynthClient:
             model=_model(response.model),
         )
 
+    # ---------------------------------------------------------------- scoring
+    def _scoring(self) -> scoring_pb2_grpc.ScoringStub:
+        return scoring_pb2_grpc.ScoringStub(self._channel("scoring"))
+
+    @_typed_errors
+    def score_images(
+        self,
+        real: np.ndarray | Sequence[bytes],
+        synthetic: np.ndarray | Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """FID / KID / precision-recall of ``synthetic`` against ``real`` (uint8 [N, H, W, 3] or PNG bytes).
+
+        ``options``: DistributionOptions fields (extractor, kid_subsets, bootstrap, seed, ...). Returns the
+        DistributionScores message as a dict (field names as in scoring.proto)."""
+        request = scoring_pb2.ScoreImagesRequest(
+            real=_image_set(real), synthetic=_image_set(synthetic), options=scoring_pb2.DistributionOptions(**options)
+        )
+        return _message_dict(self._scoring().ScoreImages(request, timeout=self._timeout(timeout)))
+
+    @_typed_errors
+    def score_masks(
+        self, real_masks: np.ndarray, synthetic_masks: np.ndarray, *, timeout: float | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Per-object shape statistics of two mask sets (KS / Jensen-Shannon per feature and class).
+
+        ``options``: ScoreMasksRequest fields (class_ids, connectivity, bins, ...); returns MaskScores as a dict."""
+        request = scoring_pb2.ScoreMasksRequest(
+            real_masks=tensor_codec.array_to_tensor(np.asarray(real_masks)),
+            synthetic_masks=tensor_codec.array_to_tensor(np.asarray(synthetic_masks)),
+            **options,
+        )
+        return _message_dict(self._scoring().ScoreMasks(request, timeout=self._timeout(timeout)))
+
+    @_typed_errors
+    def consistency(
+        self,
+        images: np.ndarray | Sequence[bytes],
+        conditioning_masks: np.ndarray,
+        *,
+        renderer: str = "",
+        segmenter: str = "",
+        segmenter_version: str = "",
+        min_miou: float = 0.0,
+        return_predictions: bool = False,
+        timeout: float | None = None,
+    ) -> ConsistencyOutput:
+        """Does a segmenter find each image's conditioning mask again? (mIoU per image; the generation gate)."""
+        request = scoring_pb2.ConsistencyRequest(
+            images=_image_set(images),
+            conditioning_masks=tensor_codec.array_to_tensor(np.asarray(conditioning_masks)),
+            renderer=renderer, segmenter=segmenter, segmenter_version=segmenter_version, min_miou=min_miou,
+            return_predictions=return_predictions,
+        )
+        response = self._scoring().Consistency(request, timeout=self._timeout(timeout))
+        predictions = None
+        if response.HasField("predictions") and response.predictions.shape:
+            predictions = np.array(tensor_codec.tensor_to_array(response.predictions, "predictions"))
+        return ConsistencyOutput(
+            miou=np.array(response.miou, np.float64), passed=np.array(response.passed, bool),
+            mean_miou=float(response.mean_miou), segmenter=_model(response.segmenter), predictions=predictions,
+        )
+
+    @_typed_errors
+    def tumor_proportion(
+        self,
+        class_maps: np.ndarray,
+        *,
+        positive_id: int,
+        negative_id: int,
+        instance_maps: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """PD-L1 / Ki67 tumour proportion score and clinical bin per map (cells counted with instance maps)."""
+        request = scoring_pb2.TumorProportionRequest(
+            class_maps=tensor_codec.array_to_tensor(np.asarray(class_maps)),
+            classes=scoring_pb2.TpsClasses(positive_class_id=positive_id, negative_class_id=negative_id),
+        )
+        if instance_maps is not None:
+            request.instance_maps.CopyFrom(tensor_codec.array_to_tensor(np.asarray(instance_maps)))
+        response = self._scoring().TumorProportion(request, timeout=self._timeout(timeout))
+        return [_message_dict(score) for score in response.scores]
+
     def _generation(self) -> generation_pb2_grpc.GenerationStub:
         return generation_pb2_grpc.GenerationStub(self._channel("generation"))
 
     def generate_call(
         self,
-        spec: GenerationSpec | Mapping[str, Any],
+        spec: SpecLike,
         *,
         indices: Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> grpc.Call:
         """The raw streaming call (iterate it for proto Samples; ``.cancel()`` stops the job)."""
-        spec = spec if isinstance(spec, GenerationSpec) else spec_from_dict(spec)
+        spec = as_spec(spec)
         return self._generation().Generate(request_from_spec(spec, indices), timeout=self._timeout(timeout))
 
     def generate(
         self,
-        spec: GenerationSpec | Mapping[str, Any],
+        spec: SpecLike,
         *,
         indices: Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> Iterator[ClientSample]:
-        """Stream the job's samples; stopping the iteration (or closing it) cancels the job on the server."""
+        """Stream the job's samples; stopping the iteration (or closing it) cancels the job on the server.
+
+        ``spec``: a GenerationSpec, a YAML-style dict, or the path of a YAML spec file (clients/specs/)."""
         call = self.generate_call(spec, indices=indices, timeout=timeout)
         try:
-            for message in call:
-                yield sample_from_proto(message)
+            try:
+                for message in call:
+                    yield sample_from_proto(message)
+            except grpc.RpcError as error:
+                raise typed_error(error, "generate") from None
         finally:
             call.cancel()  # no-op when the stream already finished
 
-    def submit_job(self, spec: GenerationSpec | Mapping[str, Any], *, timeout: float | None = None) -> JobStatus:
-        spec = spec if isinstance(spec, GenerationSpec) else spec_from_dict(spec)
+    @_typed_errors
+    def submit_job(self, spec: SpecLike, *, timeout: float | None = None) -> JobStatus:
+        spec = as_spec(spec)
         return _job(self._generation().SubmitJob(request_from_spec(spec), timeout=self._timeout(timeout)))
 
+    @_typed_errors
     def get_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
         return _job(self._generation().GetJob(generation_pb2.GetJobRequest(job_id=job_id), timeout=self._timeout(timeout)))
 
+    @_typed_errors
     def cancel_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
         return _job(
             self._generation().CancelJob(generation_pb2.CancelJobRequest(job_id=job_id), timeout=self._timeout(timeout))
