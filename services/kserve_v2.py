@@ -11,7 +11,12 @@ tile runs tile by tile with Render's raised-cosine blending instead of in one pi
 without a runner run whole, or are refused with RESOURCE_EXHAUSTED naming the budget.
 
 Served RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
-RepositoryIndex. Others of the protocol answer UNIMPLEMENTED.
+ModelConfig, ModelStatistics, RepositoryIndex. Others of the protocol answer UNIMPLEMENTED.
+ModelConfig and ModelStatistics answer in Triton's shapes (model_config.proto), which is what
+Triton's perf_analyzer (``-i grpc --service-kind triton``) needs: the config says the batch axis
+(max_batch_size > 0, dims without it, -1 for dynamic), the dynamic batcher and the instances, and
+names the engine and precision actually used in ``backend`` and ``parameters``; statistics are
+cumulative per model version since the process started (services.core.metrics.InferenceStats).
 
 The protocol's messages live in services._generated.inference (from proto/inference/
 grpc_service.proto, wire-compatible with Triton's). NOTE: tritonclient registers the same
@@ -32,6 +37,8 @@ import numpy as np
 
 from services._generated.inference import grpc_service_pb2 as pb
 from services._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from services._generated.inference import model_config_pb2 as config_pb
+from services.core import metrics
 from services.core.errors import InvalidInputError, ModelNotFoundError
 from services.core.grpc_server import ServiceRegistration
 from services.core.runtimes.base import TensorSpec
@@ -47,6 +54,22 @@ PLATFORMS: Final[Mapping[str, str]] = {
     "onnx": "onnxruntime_onnx",
     "torchscript": "pytorch_libtorch",
     "tensorrt_plan": "tensorrt_plan",
+}
+
+# Optional protocol extensions served in full (Triton's names, reported by ServerMetadata).
+EXTENSIONS: Final = ("model_configuration", "statistics")
+# Triton backend names per engine / format (ModelConfig.backend).
+BACKENDS: Final[Mapping[str, str]] = {
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "torchscript": "pytorch",
+    "tensorrt_plan": "tensorrt",
+}
+# Manifest dtype name -> model configuration DataType.
+CONFIG_DTYPES: Final[Mapping[str, int]] = {
+    "bool": config_pb.TYPE_BOOL, "uint8": config_pb.TYPE_UINT8, "int8": config_pb.TYPE_INT8,
+    "int16": config_pb.TYPE_INT16, "int32": config_pb.TYPE_INT32, "int64": config_pb.TYPE_INT64,
+    "float16": config_pb.TYPE_FP16, "float32": config_pb.TYPE_FP32, "float64": config_pb.TYPE_FP64,
 }
 
 # Protocol datatype -> little-endian numpy dtype.
@@ -245,8 +268,8 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        # No optional extension is claimed: RepositoryIndex is served, model load/unload is not.
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        # RepositoryIndex is served but model load/unload is not, so model_repository is not claimed.
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -261,6 +284,28 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[tensor_metadata(spec) for spec in manifest.inputs],
             outputs=[tensor_metadata(spec) for spec in manifest.outputs],
         )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        served = await self._served(request.name, request.version)
+        return pb.ModelConfigResponse(config=model_config(served))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            self._host_for(request.name)  # NOT_FOUND naming the hosted models when unknown
+        response = pb.ModelStatisticsResponse()
+        for host in self.hosts:
+            for served in host.loaded():
+                manifest = served.manifest
+                if request.name and manifest.name != request.name:
+                    continue
+                if request.version and manifest.version != request.version:
+                    continue
+                response.model_stats.append(model_statistics(manifest.name, manifest.version))
+        return response
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
@@ -329,6 +374,75 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         for position, tensor in enumerate(request.inputs):
             feeds[tensor.name] = decode_input(tensor, raw[position] if raw else None, by_name[tensor.name])
         return feeds
+
+
+def model_config(served: ServedModel) -> config_pb.ModelConfig:
+    """A served model's configuration in Triton's shape; the batch axis is implicit (max_batch_size > 0)."""
+    manifest = served.manifest
+    instances = served.pool.instances
+    engine = manifest.format
+    if manifest.format == "onnx":
+        engine = "openvino" if any(info.provider.startswith("openvino") for info in instances) else "onnxruntime"
+    config = config_pb.ModelConfig(
+        name=manifest.name,
+        platform="openvino" if engine == "openvino" else PLATFORMS.get(manifest.format, manifest.format),
+        backend=BACKENDS.get(engine, engine),
+        max_batch_size=served.max_batch_size,
+        default_model_filename=manifest.file,
+        dynamic_batching=config_pb.ModelDynamicBatching(
+            max_queue_delay_microseconds=int(served.batcher.config.max_queue_delay_ms * 1000)
+        ),
+        model_transaction_policy=config_pb.ModelTransactionPolicy(decoupled=False),
+    )
+    for spec in manifest.inputs:
+        config.input.add(name=spec.name, data_type=CONFIG_DTYPES[spec.dtype], dims=v2_shape(spec)[1:])
+    for spec in manifest.outputs:
+        config.output.add(name=spec.name, data_type=CONFIG_DTYPES[spec.dtype], dims=v2_shape(spec)[1:])
+    by_device: dict[str, int] = {}
+    for info in instances:
+        by_device[info.device] = by_device.get(info.device, 0) + 1
+    for device, count in sorted(by_device.items()):
+        gpu = device.startswith("cuda")
+        config.instance_group.add(
+            name=f"{manifest.name}_{device.replace(':', '')}", count=count,
+            kind=config_pb.ModelInstanceGroup.KIND_GPU if gpu else config_pb.ModelInstanceGroup.KIND_CPU,
+            gpus=[int(device.split(":")[1])] if gpu else [],
+        )
+    parameters = {
+        "histosynth_version": manifest.version,
+        "histosynth_kind": manifest.kind,
+        "histosynth_sha256": manifest.sha256,
+        "histosynth_runtime": ",".join(sorted({info.provider for info in instances})),
+        "histosynth_precision": ",".join(sorted({info.precision for info in instances})),
+    }
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def model_statistics(name: str, version: str) -> pb.ModelStatistics:
+    """Cumulative statistics of one loaded model version (Triton's ModelStatistics shape)."""
+    stats = metrics.inference_stats(name, version).snapshot()
+    duration = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=name,
+        version=version,
+        last_inference=stats["last_success_ms"],
+        inference_count=stats["success_count"],
+        execution_count=stats["execution_count"],
+        inference_stats=pb.InferStatistics(
+            success=duration(count=stats["success_count"], ns=stats["success_ns"]),
+            fail=duration(count=stats["fail_count"], ns=0),
+            queue=duration(count=stats["queue_count"], ns=stats["queue_ns"]),
+            compute_input=duration(count=stats["compute_count"], ns=0),
+            compute_infer=duration(count=stats["compute_count"], ns=stats["compute_ns"]),
+            compute_output=duration(count=stats["compute_count"], ns=0),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=duration(count=count, ns=ns))
+            for size, (count, ns) in sorted(stats["batches"].items())
+        ],
+    )
 
 
 def kserve_registration(servicer: KServeV2Servicer) -> ServiceRegistration:

@@ -49,6 +49,8 @@ class HostSettings:
     max_batch_size: int = 8
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
+    # Send a request at once when its model computes nothing (HISTOSYNTH_DISPATCH_WHEN_IDLE).
+    dispatch_when_idle: bool = True
     runtime_options: RuntimeOptions = RuntimeOptions()
     # A runtime call slower than this marks its instance unhealthy (DevicePool); None = never.
     instance_timeout_s: float | None = 120.0
@@ -70,6 +72,7 @@ class HostSettings:
             max_batch_size=config.max_batch_size,
             max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_size=config.max_queue_size,
+            dispatch_when_idle=config.dispatch_when_idle,
             runtime_options=config.runtime_options(),
             memory_budget=config.memory_budget,
             strict_models=config.strict_models,
@@ -387,6 +390,7 @@ class ModelHost:
                 max_queue_delay_ms=settings.max_queue_delay_ms,
                 max_queue_size=settings.max_queue_size,
                 max_concurrent_batches=pool.instance_count,
+                dispatch_when_idle=settings.dispatch_when_idle,
             ),
             manifest.name,
             manifest.version,

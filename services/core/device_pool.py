@@ -119,9 +119,7 @@ class DevicePool:
             self.close()
             raise
         self._update_instance_gauge()
-        for instance in self._instances:
-            info = instance.info()
-            self._metrics.set_runtime(info.device, info.provider, info.precision)
+        self._metrics.set_runtimes(Counter((info.provider, info.precision) for info in self.instances))
 
     def _create(self, factory: InstanceFactory, device: str) -> Runtime:
         if device == CPU_DEVICE:

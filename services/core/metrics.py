@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any, Final
@@ -130,10 +130,10 @@ MODEL_INSTANCES = Gauge(
     registry=REGISTRY,
 )
 MODEL_RUNTIME = Gauge(
-    "histosynth_model_runtime_info",
-    "1 per (model, version, device, runtime, precision) a loaded model runs with: the engine actually used "
-    "(e.g. CPUExecutionProvider, openvino-2026.4.1-CPU-bf16) and its inference precision.",
-    ("model", "version", "device", "runtime", "precision"),
+    "histosynth_model_runtime_instances",
+    "Runtime instances of a loaded model by the engine actually used (e.g. CPUExecutionProvider, "
+    "openvino-2026.4.1-CPU-bf16; the device is part of it) and the inference precision they run at.",
+    ("model", "version", "runtime", "precision"),
     registry=REGISTRY,
 )
 
@@ -336,8 +336,10 @@ class ModelMetrics:
     def set_instances(self, device: str, count: int) -> None:
         MODEL_INSTANCES.labels(self.model, self.version, device).set(count)
 
-    def set_runtime(self, device: str, runtime: str, precision: str) -> None:
-        MODEL_RUNTIME.labels(self.model, self.version, device, runtime, precision).set(1)
+    def set_runtimes(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """(runtime, precision) -> instances running with it."""
+        for (runtime, precision), count in counts.items():
+            MODEL_RUNTIME.labels(self.model, self.version, runtime, precision).set(count)
 
 
 # ------------------------------------------------------------------ GPU sampling

@@ -176,23 +176,32 @@ def encode_input(channels: list[str], masks: np.ndarray, guides: np.ndarray | No
     """float32 [N, C, H, W] refiner input in ``channels`` order (the training encoding, see module doc).
 
     The noise channel is padded with the rest (reflect): the padded border then carries the same
-    statistics, and mask i's noise depends only on ``seed + i`` and its size.
+    statistics, and mask i's noise depends only on ``seed + i`` and its size. Planes are written into
+    one preallocated array (no per-plane temporaries or stack copy: this runs on every Refine call).
     """
     count, height, width = masks.shape
-    planes: list[np.ndarray] = []
-    for channel in channels:
+    encoded = np.empty((count, len(channels), height, width), np.float32)
+    for position, channel in enumerate(channels):
+        plane = encoded[:, position]
         if channel == "coarse":
-            planes.append(np.where(masks != 0, np.float32(1.0), np.float32(-1.0)))
+            _signed(masks, plane)
         elif channel == "guide":
-            planes.append(np.zeros(masks.shape, np.float32) if guides is None
-                          else np.where(guides != 0, np.float32(1.0), np.float32(-1.0)))
+            if guides is None:
+                plane.fill(0.0)
+            else:
+                _signed(guides, plane)
         else:
-            planes.append(np.stack([
+            for index in range(count):
                 # (seed + i, 1): a stream of its own, independent of the noise label drawn from seed + i
-                np.random.default_rng((seed + index, 1)).standard_normal((height, width), dtype=np.float32)
-                for index in range(count)
-            ]))
-    return np.stack(planes, axis=1)
+                np.random.default_rng((seed + index, 1)).standard_normal(dtype=np.float32, out=plane[index])
+    return encoded
+
+
+def _signed(masks: np.ndarray, out: np.ndarray) -> None:
+    """{0, nonzero} -> {-1.0, +1.0} written into ``out``."""
+    np.not_equal(masks, 0, out=out, casting="unsafe")
+    out *= 2.0
+    out -= 1.0
 
 
 def noise_labels(shape: tuple[int, int, int], spacing: float, seed: int) -> np.ndarray:

@@ -88,6 +88,24 @@ async def test_tritonclient_against_refinement_server(
     assert seen["unknown_metadata"]["status"] == "StatusCode.NOT_FOUND"
     assert seen["unimplemented"]["status"] == "StatusCode.UNIMPLEMENTED"
     assert seen["infer_after_errors_equal"]
+    assert set(seen["server"]["extensions"]) == {"model_configuration", "statistics"}
+
+    config = seen["config"]
+    assert config["name"] == REFINER_NAME and config["max_batch_size"] > 0  # the batch axis is implicit
+    assert config["input"] == [{"name": "coarse", "data_type": "TYPE_FP32", "dims": ["1", "-1", "-1"]}]
+    assert config["output"][0]["name"] == "fine" and config["output"][0]["dims"] == ["1", "-1", "-1"]
+    assert config["backend"] == "onnxruntime" and config["platform"] == "onnxruntime_onnx"
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert config["parameters"]["histosynth_precision"]["string_value"] == "fp32"
+    assert config["parameters"]["histosynth_runtime"]["string_value"] == "CPUExecutionProvider"
+    [stats] = seen["statistics"]
+    assert stats["name"] == REFINER_NAME and stats["version"] == "2"
+    # The probe's first infer (at least) was counted.
+    succeeded = int(stats["inference_stats"]["success"]["count"])
+    assert succeeded >= 1 and int(stats["inference_count"]) == succeeded
+    assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0 and int(stats["execution_count"]) >= 1
+    assert sum(int(b["compute_infer"]["count"]) for b in stats["batch_stats"]) == int(stats["execution_count"])
+    assert seen["unknown_statistics"]["status"] == "StatusCode.NOT_FOUND"
 
 
 async def test_tritonclient_against_rendering_server(

@@ -60,7 +60,11 @@ def main() -> None:
     result["wrong_rank"] = failure(lambda: client.infer(model, [wrong_rank]))
     result["unknown_model"] = failure(lambda: client.infer("no-such-model", [infer_input]))
     result["unknown_metadata"] = failure(lambda: client.get_model_metadata("no-such-model"))
-    result["unimplemented"] = failure(lambda: client.get_inference_statistics(model))
+    result["unimplemented"] = failure(lambda: client.get_system_shared_memory_status())
+    # Served for perf_analyzer: the model configuration and its statistics, in Triton's JSON shapes.
+    result["config"] = client.get_model_config(model, as_json=True)["config"]
+    result["statistics"] = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    result["unknown_statistics"] = failure(lambda: client.get_inference_statistics("no-such-model"))
     # The server must still answer after the failures.
     again = client.infer(model, [infer_input])
     result["infer_after_errors_equal"] = bool(

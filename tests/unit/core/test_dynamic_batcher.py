@@ -369,3 +369,29 @@ async def test_concurrent_stops_both_return_after_one_drain() -> None:
     await asyncio.gather(batcher.stop(), batcher.stop())
     assert (await task)["x_out"][0, 0] == 3.0
     await batcher.stop()  # idempotent once stopped
+
+
+# ------------------------------------------------------------------ dispatch when idle
+async def test_dispatch_when_idle_sends_a_lone_request_at_once_and_still_batches_under_load() -> None:
+    infer = RecordingInfer(gated=True)
+    settings = config(max_batch_size=8, max_queue_delay_ms=60_000, dispatch_when_idle=True)
+    async with DynamicBatcher(infer, settings, "t_idle", "1") as batcher:
+        started = time.monotonic()
+        first = asyncio.create_task(batcher.submit(request(1.0)))
+        await asyncio.wait_for(infer.entered.wait(), 5)  # not after the 60 s queue delay
+        assert time.monotonic() - started < 1.0
+        # While that batch computes, newcomers gather; they go together once the runtime is free.
+        later = [asyncio.create_task(batcher.submit(request(10.0 * (i + 1)))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert len(infer.batches) == 1
+        infer.release()
+        await asyncio.wait_for(asyncio.gather(first, *later), 5)
+    assert [batch["x"].shape[0] for batch in infer.batches] == [1, 3]
+
+
+async def test_without_dispatch_when_idle_a_lone_request_waits_for_company() -> None:
+    infer = RecordingInfer()
+    async with DynamicBatcher(infer, config(max_queue_delay_ms=200.0), "t_wait", "1") as batcher:
+        started = time.monotonic()
+        await batcher.submit(request(1.0))
+        assert time.monotonic() - started >= 0.19

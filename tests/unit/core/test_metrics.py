@@ -14,7 +14,7 @@ from services.core import metrics
 from services.core.errors import QueueFullError
 
 _NAME = re.compile(r"^histosynth_(grpc|model|gpu)_([a-z0-9_]+_)?(total|seconds|bytes|ratio|samples|requests|instances)$")
-_ALLOWED_LABELS = {"service", "method", "code", "model", "version", "status", "reason", "device"}
+_ALLOWED_LABELS = {"service", "method", "code", "model", "version", "status", "reason", "device", "runtime", "precision"}
 
 
 def _families() -> dict[str, object]:
@@ -32,6 +32,7 @@ def _record_one_sample_in_every_metric() -> None:
     model.record_success(total_s=0.035)
     model.record_failure(QueueFullError.reason)
     model.set_instances("cpu", 2)
+    model.set_runtimes({("openvino-2026.4.1-CPU-bf16", "bf16"): 2})
     metrics.record_gpu_samples(
         [metrics.GpuSample("cuda:0", utilization_ratio=0.5, memory_used_bytes=2**30, memory_total_bytes=2**34)]
     )
@@ -47,7 +48,7 @@ def test_every_metric_is_named_by_the_convention_with_few_labels() -> None:
         metrics.GRPC_REQUESTS, metrics.GRPC_REQUEST_DURATION, metrics.GRPC_INFLIGHT_REQUESTS,
         metrics.MODEL_REQUESTS, metrics.MODEL_PENDING_REQUESTS, metrics.MODEL_QUEUE_DURATION,
         metrics.MODEL_COMPUTE_DURATION, metrics.MODEL_REQUEST_DURATION, metrics.MODEL_BATCH_SIZE,
-        metrics.MODEL_INSTANCES, metrics.GPU_UTILIZATION, metrics.GPU_MEMORY_USED, metrics.GPU_MEMORY_TOTAL,
+        metrics.MODEL_INSTANCES, metrics.MODEL_RUNTIME, metrics.GPU_UTILIZATION, metrics.GPU_MEMORY_USED, metrics.GPU_MEMORY_TOTAL,
     ]
     for metric in declared:
         labels = set(metric._labelnames)
