@@ -98,7 +98,10 @@ bench-diffusion: proto
 	$(PY) -m bench.bench_diffusion
 
 # Serving benchmarks: in-process ONNX Runtime vs our gRPC servers, concurrency sweep, roofline, end-to-end generation.
+# perf_analyzer (Triton's load generator) is fetched once into ~/.cache/histosynth/perf_analyzer; without it
+# bench_serving records "not measured" for that section.
 bench: bench-core bench-diffusion
+	./scripts/get_perf_analyzer.sh || echo "perf_analyzer could not be installed: its section will say not measured"
 	$(PY) -m bench.bench_serving
 
 clean:

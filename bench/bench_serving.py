@@ -24,7 +24,13 @@ request) it measures throughput (images/s) and latency p50/p95/p99 (ms) of
                is chosen per model by a short trial at one concurrency before the sweep; all trials
                are recorded.
 
-and reports b/a and b/c per row, with (a), (b) and (c) interleaved in the same run. Same session
+  (d) grpc-ov  the same servers as (b) with HISTOSYNTH_RUNTIME=openvino, HISTOSYNTH_PRECISION=bf16 (the
+               fast path; its precision check is recorded beside each manifest), same calls as (b).
+
+and reports b/a, d/a and b/c, d/c per row, with (a), (b), (c) and (d) interleaved in the same run.
+Then Triton's own perf_analyzer (``-i grpc --service-kind triton``, the tritonclient 2.45 binary that
+scripts/get_perf_analyzer.sh installs) drives the KServe v2 endpoint of the (b) and (d) servers on the
+model tensors at 256x256, concurrency 1 and 4; its CSV rows go into the JSON. Same session
 settings on all paths (graph optimisation ALL, ONNX Runtime's default intra-op threads = one per core).
 
 Also: the renderer's achieved FLOP/s as a fraction of this machine's matmul peak, measured in
@@ -70,6 +76,7 @@ from services.core.config import ServerConfig
 from services.core.model_store import ModelStore
 from services.core.runtimes.base import RuntimeOptions
 from services.core.runtimes.onnxruntime import OnnxRuntime
+from services.mask_refinement import pipeline as refinement_pipeline
 from services.mask_refinement import servicer as refinement_servicer
 from services.mask_rendering import servicer as rendering_servicer
 
@@ -83,7 +90,11 @@ SIZES: Final = ((256, 256), (512, 1024))
 CONCURRENCIES: Final = (1, 2, 4, 8)
 # Fields up to this edge render in one piece on the service, as they do on the runtime path.
 ONE_PIECE_TILE: Final = 1024
-MODES: Final = ("runtime", "grpc", "torchserve")
+MODES: Final = ("runtime", "grpc", "grpc-ov", "torchserve")
+FAST_PATH: Final = {"runtime": "openvino", "precision": "bf16"}
+PERF_ANALYZER_HOME: Final = Path(os.environ.get("HISTOSYNTH_PERF_ANALYZER_HOME",
+                                                Path.home() / ".cache" / "histosynth" / "perf_analyzer"))
+PERF_ANALYZER_CONCURRENCIES: Final = (1, 4)
 # TorchServe batching configs tried per model (batchSize, maxBatchDelay ms) at TRIAL_CONCURRENCY and the smaller size.
 TORCHSERVE_TRIALS: Final = ((1, 5), (1, 20), (4, 5), (4, 20))
 TRIAL_CONCURRENCY: Final = 4
@@ -235,8 +246,10 @@ def render_workload(manifest: Any, height: int, width: int) -> Workload:
 
 
 def refine_workload(manifest: Any, height: int, width: int) -> Workload:
+    """The refiner's input as the service encodes it (v2: coarse, guide, noise channels; no guide sent)."""
     mask = tissue_mask(height, width, seed=height + width)
-    coarse = np.where(mask != 0, np.float32(1.0), np.float32(-1.0))[None, None]
+    channels = [str(c) for c in manifest.metadata.get("input_channels") or ["coarse"]]
+    coarse = refinement_pipeline.encode_input(channels, mask[None], None, seed=0)
     return Workload("Refine", manifest.name, height, width, {manifest.inputs[0].name: coarse}, mask[None])
 
 
@@ -346,8 +359,54 @@ class LoopThread:
         self._thread.join(timeout=10)
 
 
-def server_config() -> ServerConfig:
-    return ServerConfig(model_store=MODEL_STORE, port=0, metrics_port=None, log_level="WARNING")
+def server_config(**overrides: Any) -> ServerConfig:
+    return ServerConfig(model_store=MODEL_STORE, port=0, metrics_port=None, log_level="WARNING", **overrides)
+
+
+# ----------------------------------------------------------------------- perf_analyzer
+def perf_analyzer_command() -> tuple[list[str], dict[str, str]] | None:
+    """The perf_analyzer binary and its environment (scripts/get_perf_analyzer.sh), or None when absent."""
+    binary = PERF_ANALYZER_HOME / "bin" / "perf_analyzer"
+    if not binary.is_file():
+        found = shutil.which("perf_analyzer")
+        if found is None:
+            return None
+        return [found], dict(os.environ)
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(PERF_ANALYZER_HOME / "lib"), env.get("LD_LIBRARY_PATH")]))
+    return [str(binary)], env
+
+
+def perf_analyzer_version(command: tuple[list[str], dict[str, str]]) -> str:
+    done = subprocess.run([*command[0], "--version"], env=command[1], capture_output=True, text=True, timeout=30)
+    return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else "unknown"
+
+
+def run_perf_analyzer(command: tuple[list[str], dict[str, str]], address: str, workload: Workload,
+                      concurrency: int, interval_ms: int, scratch: Path) -> dict[str, Any]:
+    """perf_analyzer against our KServe v2 endpoint with the workload's own tensor (JSON input data)."""
+    name, tensor = next(iter(workload.runtime_feeds.items()))
+    data = scratch / f"{workload.model}-{workload.height}x{workload.width}.json"
+    if not data.exists():
+        data.write_text(json.dumps({"data": [{name: {"content": tensor[0].reshape(-1).tolist(),
+                                                     "shape": list(tensor.shape[1:])}}]}))
+    csv = scratch / f"pa-{workload.model}-{concurrency}-{time.monotonic_ns()}.csv"
+    args = [*command[0], "-m", workload.model, "-u", address, "-i", "grpc", "--service-kind", "triton",
+            "-b", "1", "--input-data", str(data), "--concurrency-range", str(concurrency),
+            "--measurement-interval", str(interval_ms), "--stability-percentage", "30", "--max-trials", "6",
+            "-f", str(csv), "--verbose-csv"]
+    done = subprocess.run(args, env=command[1], capture_output=True, text=True, timeout=600)
+    result: dict[str, Any] = {"model": workload.model, "size": f"{workload.height}x{workload.width}",
+                              "concurrency": concurrency, "command": " ".join(args[1:]), "returncode": done.returncode}
+    if csv.exists():
+        header, *rows = [line.split(",") for line in csv.read_text().splitlines() if line.strip()]
+        if rows:
+            result["csv"] = dict(zip(header, rows[0], strict=False))
+            result["images_per_s"] = float(result["csv"]["Inferences/Second"])
+            result["p50_ms"] = round(float(result["csv"]["p50 latency"]) / 1000, 1)
+    # Notes on unstable windows are expected on this shared machine; keep the tail of the output.
+    result["output_tail"] = (done.stdout + done.stderr)[-1500:]
+    return result
 
 
 # ----------------------------------------------------------------------- torchserve
@@ -447,6 +506,33 @@ def torchserve_trials(manifests: dict[str, Any], workloads: list[Workload], dura
     return best, trials
 
 
+def perf_analyzer_runs(addresses: dict[str, tuple[str, str]], workloads: list[Workload],
+                       duration_s: float) -> dict[str, Any]:
+    """perf_analyzer on each server's v2 endpoint: (render address, refine address) per mode."""
+    command = perf_analyzer_command()
+    if command is None:
+        print("perf_analyzer skipped: not installed (scripts/get_perf_analyzer.sh)", flush=True)
+        return {"status": "not measured", "reason": f"no perf_analyzer in {PERF_ANALYZER_HOME}/bin or on PATH "
+                "(scripts/get_perf_analyzer.sh installs it)"}
+    runs = []
+    interval_ms = int(max(1000, duration_s * 1000 / 2))
+    with tempfile.TemporaryDirectory(prefix="bench-pa-") as scratch:
+        for mode, (render_address, refine_address) in addresses.items():
+            for workload in workloads:
+                address = render_address if workload.task == "Render" else refine_address
+                for concurrency in PERF_ANALYZER_CONCURRENCIES:
+                    run = {"mode": mode, "task": workload.task,
+                           **run_perf_analyzer(command, address, workload, concurrency, interval_ms, Path(scratch))}
+                    print(f"  perf_analyzer {mode:7s} {workload.task:6s} c={concurrency}: "
+                          f"{run.get('images_per_s', 'failed')} infer/s p50 {run.get('p50_ms', '-')} ms "
+                          f"(rc {run['returncode']})", flush=True)
+                    runs.append(run)
+    return {"status": "measured", "version": perf_analyzer_version(command),
+            "how": "perf_analyzer -i grpc --service-kind triton against the KServe v2 endpoint of the (b) and (d) "
+            "servers, batch 1, the workload's model tensor as --input-data JSON, time windows of "
+            f"{interval_ms} ms, stability 30 %, at most 6 trials (the host is shared)", "runs": runs}
+
+
 # ----------------------------------------------------------------------- generation
 def generation_rate(count: int, warmup: int) -> dict[str, Any]:
     """Samples/s of the glands spec streamed from the in-process Generation service (gRPC, loopback)."""
@@ -522,6 +608,15 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
     refine_server, _ = loop.run(refinement_servicer.start(config, store))
     client = HistosynthClient(targets={"rendering": render_server.address, "refinement": refine_server.address},
                               timeout=600)
+    fast_config = server_config(runtime=FAST_PATH["runtime"], precision=FAST_PATH["precision"])
+    fast_render_server, fast_render_host = loop.run(rendering_servicer.start(fast_config, store, render_settings))
+    fast_refine_server, fast_refine_host = loop.run(refinement_servicer.start(fast_config, store))
+    fast_runtimes = {model.manifest.name: [info.provider for info in model.pool.instances]
+                     for host in (fast_render_host, fast_refine_host) for model in host.loaded()}
+    print(f"  (d) fast path runtimes: {fast_runtimes}", flush=True)
+    fast_client = HistosynthClient(targets={"rendering": fast_render_server.address,
+                                            "refinement": fast_refine_server.address}, timeout=600)
+    perf_analyzer: dict[str, Any] = {}
     try:
         ts_callers = (torchserve_callers(torchserve_server, torchserve_pool, workloads, manifests)
                       if torchserve_server is not None and torchserve_pool is not None else {})
@@ -529,16 +624,25 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
             runtime = runtimes[workload.model]
             if workload.task == "Render":
                 service_call = lambda w=workload: client.render(w.service_input, model=w.model, seed=0)  # noqa: E731
+                fast_call = lambda w=workload: fast_client.render(w.service_input, model=w.model, seed=0)  # noqa: E731
             else:
                 service_call = lambda w=workload: client.refine(w.service_input, model=w.model)  # noqa: E731
-            calls = {"runtime": lambda r=runtime, w=workload: r.infer(w.runtime_feeds), "grpc": service_call}
+                fast_call = lambda w=workload: fast_client.refine(w.service_input, model=w.model)  # noqa: E731
+            calls = {"runtime": lambda r=runtime, w=workload: r.infer(w.runtime_feeds), "grpc": service_call,
+                     "grpc-ov": fast_call}
             if ts_callers:
                 calls["torchserve"] = ts_callers[(workload.model, workload.height, workload.width)]
             results += paired_sweep(workload, calls, duration_s, rounds)
+        perf_analyzer = perf_analyzer_runs(
+            {"grpc": (render_server.address, refine_server.address),
+             "grpc-ov": (fast_render_server.address, fast_refine_server.address)},
+            [w for w in workloads if (w.height, w.width) == SIZES[0]], duration_s,
+        )
     finally:
         client.close()
-        loop.run(render_server.stop(0))
-        loop.run(refine_server.stop(0))
+        fast_client.close()
+        for server in (render_server, refine_server, fast_render_server, fast_refine_server):
+            loop.run(server.stop(0))
         loop.close()
         for runtime in runtimes.values():
             runtime.close()
@@ -577,6 +681,10 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
             "throughput_ratio_b_over_a": round(grpc_result.images_per_s / r.images_per_s, 3),
             "p50_ratio_b_over_a": round(grpc_result.latency_ms["p50"] / r.latency_ms["p50"], 3),
         }
+        fast_result = by_key.get((r.task, r.size, "grpc-ov", r.concurrency))
+        if fast_result is not None:
+            row["grpc_openvino_bf16"] = asdict(fast_result)
+            row["throughput_ratio_d_over_a"] = round(fast_result.images_per_s / r.images_per_s, 3)
         torchserve_result = by_key.get((r.task, r.size, "torchserve", r.concurrency))
         if torchserve_result is not None:
             row["torchserve"] = asdict(torchserve_result)
@@ -584,6 +692,8 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
                                                   strict=True))
             row["throughput_ratio_b_over_c"] = round(grpc_result.images_per_s / torchserve_result.images_per_s, 3)
             row["p50_ratio_b_over_c"] = round(grpc_result.latency_ms["p50"] / torchserve_result.latency_ms["p50"], 3)
+            if fast_result is not None:
+                row["throughput_ratio_d_over_c"] = round(fast_result.images_per_s / torchserve_result.images_per_s, 3)
         if r.task == "Render":
             gflop = flops[r.size]["total_gflop"]
             row["runtime_gflops"] = round(gflop * r.images_per_s, 1)
@@ -608,6 +718,8 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
             "grpc": "servicer.start(ServerConfig(port=0, defaults: max_batch_size 8, max_queue_delay_ms 5, "
             "1 instance per device)), HistosynthClient on loopback, uint8 masks in, raw uint8 out; "
             f"rendering tile_size {ONE_PIECE_TILE} (one piece at both sizes)",
+            "grpc-ov": "as grpc with ServerConfig(runtime='openvino', precision='bf16'): OpenVINO bf16 behind the same "
+            "servicers (allowed by each model's precision_checks.yaml)",
             "torchserve": "torchserve --start on loopback (deploy/torchserve/launcher.py), .mar of the same ONNX "
             "file with deploy/torchserve/handler.py (ONNX Runtime, graph optimisation ALL, intra_op_threads 0), "
             "1 worker per model, batching per model from the trials; urllib3 PoolManager from N client threads, "
@@ -619,6 +731,8 @@ def run(duration_s: float, rounds: int, generation_count: int, peak_seconds: flo
         "peak_gflops_used_for_fractions": peak_gflops,
         "renderer_flops": {"model": RENDERER, "counted": "2 x MACs of Conv and ConvTranspose", **flops},
         "rows": rows,
+        "fast_path": {**FAST_PATH, "runtimes": fast_runtimes},
+        "perf_analyzer": perf_analyzer,
         "generation": generation,
         "torchserve": torchserve_summary(torchserve_reason, torchserve_best, trials),
     }
@@ -663,9 +777,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{report['matmul_peak_after_sweeps']['best_gflops']} after; FLOP/s fractions use the higher, {used}.",
         "",
         "| Task | Size | Conc. | (a) ORT img/s | (a) p50/p95/p99 ms | (b) gRPC img/s | (b) p50/p95/p99 ms "
-        "| (c) TorchServe img/s | (c) p50/p95/p99 ms | b/a img/s | b/c img/s | n a/b/c | Renderer FLOP/s / peak (a) "
-        "| load 1 min |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| (d) gRPC OpenVINO bf16 img/s | (d) p50 ms "
+        "| (c) TorchServe img/s | (c) p50/p95/p99 ms | b/a img/s | d/a img/s | b/c img/s | d/c img/s | n a/b/c/d "
+        "| Renderer FLOP/s / peak (a) | load 1 min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         a, b = row["runtime"], row["grpc"]
@@ -675,11 +790,15 @@ def markdown_table(report: dict[str, Any]) -> str:
         c_rate, c_lat, b_over_c = (
             (f"{c['images_per_s']:.2f}", lat(c), f"{row['throughput_ratio_b_over_c']:.2f}") if c else ("–", "–", "–")
         )
-        counts = "/".join(str(r["requests"]) for r in (a, b, c) if r)
+        d = row.get("grpc_openvino_bf16")
+        d_rate, d_lat = (f"{d['images_per_s']:.2f}", f"{d['latency_ms']['p50']:.0f}") if d else ("–", "–")
+        d_over_a = f"{row['throughput_ratio_d_over_a']:.2f}" if d else "–"
+        d_over_c = f"{row['throughput_ratio_d_over_c']:.2f}" if "throughput_ratio_d_over_c" in row else "–"
+        counts = "/".join(str(r["requests"]) for r in (a, b, c, d) if r)
         lines.append(
             f"| {row['task']} | {row['size']} | {row['concurrency']} | {a['images_per_s']:.2f} | {lat(a)} "
-            f"| {b['images_per_s']:.2f} | {lat(b)} | {c_rate} | {c_lat} "
-            f"| {row['throughput_ratio_b_over_a']:.2f} | {b_over_c} | {counts} | {fraction} "
+            f"| {b['images_per_s']:.2f} | {lat(b)} | {d_rate} | {d_lat} | {c_rate} | {c_lat} "
+            f"| {row['throughput_ratio_b_over_a']:.2f} | {d_over_a} | {b_over_c} | {d_over_c} | {counts} | {fraction} "
             f"| {a['load_average_1min_at_start']:.1f} |"
         )
     flops = report["renderer_flops"]
@@ -691,8 +810,18 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"End-to-end generation ({generation['spec']}, {generation['size']}, in-process Generation service): "
         f"{generation['samples_per_s']} samples/s ({generation['samples']} samples in {generation['seconds']} s).",
         torchserve_line(report["torchserve"]),
+        perf_analyzer_line(report.get("perf_analyzer") or {"status": "not measured", "reason": "not run"}),
     ]
     return "\n".join(lines)
+
+
+def perf_analyzer_line(pa: dict[str, Any]) -> str:
+    if pa.get("status") != "measured":
+        return f"perf_analyzer: {pa.get('status')} ({pa.get('reason')})."
+    parts = [f"{r['task']} {r['size']} {r['mode']} c={r['concurrency']}: "
+             + (f"{r['images_per_s']:.2f} infer/s, p50 {r['p50_ms']} ms" if "images_per_s" in r else f"failed (rc {r['returncode']})")
+             for r in pa["runs"]]
+    return f"perf_analyzer ({pa['version']}, -i grpc --service-kind triton, v2 endpoint): " + "; ".join(parts) + "."
 
 
 def torchserve_line(torchserve: dict[str, Any]) -> str:
