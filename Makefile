@@ -69,9 +69,13 @@ $(addprefix export-,$(SCORING_MODELS)): export-%: $(STAMP)
 
 # Science reports (issue #8, MEP #9.3): `make experiment-<name>` runs training/experiments/<name>.py and writes
 # reports/<name>/ (README.md, report.json, image grids). Names: noise-frequency, coarse-to-fine,
-# downstream-segmentation, balanced-generation, mep-prompts. EXPERIMENT_FLAGS=--quick for a smoke run.
+# balanced-generation, mep-prompts. EXPERIMENT_FLAGS=--quick for a smoke run.
 experiment-%: proto
 	$(PY) -m training.experiments.$(subst -,_,$*) --data-root $(DATA_ROOT) --out reports/$* $(EXPERIMENT_FLAGS)
+
+# Issue #17's downstream benchmark (the main quality number): reports/downstream/; runs cached in $(RUNS)/experiments.
+eval-downstream: proto
+	$(PY) -m training.experiments.downstream --data-root $(DATA_ROOT) --out reports/downstream $(EXPERIMENT_FLAGS)
 
 # Held-back evaluation of the shipped renderers/refiner through the serving path; updates cards and manifests.
 eval: $(STAMP)

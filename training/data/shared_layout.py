@@ -157,8 +157,12 @@ def split_records(
     records: Sequence[Record] | Sequence[PatchRecord],
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
+    held_back: Sequence[str] = (),
 ) -> dict[str, list[Record]]:
     """Deterministic grouped split into {"train", "val", "test"}.
+
+    `held_back` groups (e.g. the downstream benchmark's patients, training.data.benchmark_split) go to "test"
+    whatever the draw; the fractions then split the remaining groups, so no held-back group can reach training.
 
     Whole groups (patients / source images) are assigned, so no group is in two splits. Fractions apply to
     the number of groups (not records), allocated by largest remainder; a split with a positive fraction gets
@@ -167,10 +171,11 @@ def split_records(
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")
-    groups = sorted({record.group for record in records})
+    forced = set(held_back)
+    groups = sorted({record.group for record in records} - forced)
     shuffled = _stable_shuffle(groups, seed)
     counts = _split_counts(len(groups), fractions)
-    assignment: dict[str, str] = {}
+    assignment: dict[str, str] = {group: "test" for group in forced}
     start = 0
     for name, count in zip(SPLIT_NAMES, counts):
         for group in shuffled[start : start + count]:

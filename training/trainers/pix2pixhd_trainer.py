@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset
 from services.core import mask_ops
 from training.data.datasets import MaskToImageDataset, PolygonMaskDataset
 from training.data.derived_labels import TissueGlandDataset
+from training.data.benchmark_split import held_back_groups
 from training.data.shared_layout import load_records, split_records
 from training.losses import feature_matching_loss, lsgan_loss
 from training.models.pix2pixhd_global import GlobalGenerator, MultiscaleDiscriminator
@@ -54,7 +55,8 @@ class Pix2PixHDTrainer(GanTrainer):
         sources = []
         for source in data["sources"]:
             records = load_records(self.data_root, source["dataset"])
-            split = split_records(records, tuple(source.get("split_fractions", fractions)), split_seed)
+            split = split_records(records, tuple(source.get("split_fractions", fractions)), split_seed,
+                                  held_back=held_back_groups(source))
             for name in per_split:
                 per_split[name].append(split[name])
                 self.splits.setdefault(name, []).extend(sorted({r.group for r in split[name]}))

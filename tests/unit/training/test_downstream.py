@@ -1,0 +1,113 @@
+"""training/experiments/downstream.py (issue #17): --quick end to end on the fixture data, and its metrics.
+
+The end-to-end test renders with the SHIPPED renderer-he-nuclei versions through a real gRPC rendering server
+on loopback, trains the real U-Net for a few steps and scores with the real scoring service. It never reads
+../shared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data.benchmark_split import BENCHMARK_HELD_BACK, SEEN_BY_V1, held_back_groups
+from training.data.shared_layout import load_records, split_records
+from training.experiments import downstream
+from training.experiments.downstream_data import benchmark_split, draw_seed
+from training.experiments.instance_metrics import (
+    BOUNDARY, INTERIOR, image_counts, instances_from_prediction, scores, three_class_target)
+
+REPO = Path(__file__).resolve().parents[3]
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
+
+
+def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def test_perfect_prediction_scores_one_and_touching_nuclei_stay_apart() -> None:
+    truth = np.zeros((64, 64), np.int32)
+    truth[_disc(truth.shape, (20, 20), 8)] = 1
+    truth[_disc(truth.shape, (20, 35), 8) & (truth == 0)] = 2  # touches nucleus 1
+    truth[_disc(truth.shape, (48, 48), 6)] = 3
+    target = three_class_target(truth)
+    assert set(np.unique(target)) == {0, INTERIOR, BOUNDARY}
+    predicted = instances_from_prediction(target)
+    assert len(np.unique(predicted)) - 1 == 3  # the boundary class keeps the touching pair apart
+    result = scores([image_counts(truth, predicted)])
+    assert result["object_f1"] == 1.0
+    assert result["pixel_dice"] > 0.97 and result["aji"] > 0.9
+
+
+def test_missed_and_spurious_objects_lower_f1_and_aji_by_the_expected_amount() -> None:
+    truth = np.zeros((64, 64), np.int32)
+    truth[_disc(truth.shape, (16, 16), 7)] = 1
+    truth[_disc(truth.shape, (48, 48), 7)] = 2
+    predicted = np.zeros_like(truth)
+    predicted[truth == 1] = 5  # nucleus 1 found exactly, nucleus 2 missed
+    predicted[_disc(truth.shape, (16, 48), 5)] = 9  # one spurious object
+    counts = image_counts(truth, predicted)
+    assert (counts.objects_matched, counts.objects_true, counts.objects_predicted) == (1, 2, 2)
+    area = int((truth == 1).sum())
+    assert counts.aji_intersection == area
+    assert counts.aji_union == area + int((truth == 2).sum()) + int((predicted == 9).sum())
+    assert scores([counts])["object_f1"] == pytest.approx(0.5)
+
+
+def test_benchmark_groups_are_forced_out_of_training_splits() -> None:
+    records = load_records(FIXTURE_DATA, "monuseg")
+    held = held_back_groups({"dataset": "monuseg", "held_back": "benchmark"})
+    assert held == BENCHMARK_HELD_BACK["monuseg"] and SEEN_BY_V1 <= set(held)
+    for seed in range(5):
+        splits = split_records(records, (0.9, 0.1, 0.0), seed, held_back=held)
+        trained = {r.group for r in splits["train"]} | {r.group for r in splits["val"]}
+        assert not trained & set(held)
+        assert "monuseg:TCGA-NH-A8F7" in {r.group for r in splits["test"]}
+    with pytest.raises(ValueError, match="held_back"):
+        held_back_groups({"dataset": "monuseg", "held_back": 3})
+
+
+def test_seed_draws_keep_real_and_synthetic_tiles_apart_and_are_reproducible() -> None:
+    split = benchmark_split(FIXTURE_DATA, "monuseg", ("monuseg:TCGA-NH-A8F7",))
+    first, again = draw_seed(split, 3, 4, 8, 64), draw_seed(split, 3, 4, 8, 64)
+    assert not set(first.real_groups) & set(first.mask_groups)
+    assert {s.split("/")[0] for s in first.real.sources} <= set(first.real_groups)
+    assert {s.split("/")[0] for s in first.synthetic_masks.sources} <= set(first.mask_groups)
+    assert np.array_equal(first.real.images, again.real.images)
+    assert first.synthetic_masks.sources == again.synthetic_masks.sources
+
+
+def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_report(tmp_path: Path) -> None:
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    argv = ["--data-root", str(FIXTURE_DATA), "--out", str(out), "--runs-dir", str(runs), "--quick", "--versions", "1"]
+    assert downstream.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())["results"]
+    quick = downstream.QUICK
+    assert report["split"]["monuseg"]["test_groups"] == ["monuseg:TCGA-NH-A8F7"]
+    # renderer v1 trained on that patient: the report must say so
+    assert report["split"]["monuseg"]["renderers"]["1"]["saw_held_back"] == ["monuseg:TCGA-NH-A8F7"]
+    assert len(report["runs"]) == len(quick.seeds) * 3
+    for run in report["runs"]:
+        assert run["steps"] == quick.steps
+        assert set(run["scores"]) == {"pixel_dice", "object_f1", "aji"}
+        assert all(0.0 <= v <= 1.0 for v in run["scores"].values())
+    entry = report["summary"]["monuseg/k2/v1"]
+    assert set(entry["paired"]) == {"B-A", "C-A"} and entry["paired"]["B-A"]["pixel_dice"]["n"] == 2
+    dist = report["distribution"]["monuseg"]
+    assert dist["n"] == quick.distribution_crops and "warning" in dist and dist["warning"]
+    assert dist["v1"]["extractor"]["name"] == "histology-encoder"
+    assert set(dist["v1"]["stain_wasserstein"]) == {"H", "E", "DAB"}
+    synthetic = np.load(runs / "data" / "monuseg-seed0-v1.npz")["images"]
+    assert synthetic.shape == (quick.synthetic_factor * 2, quick.crop, quick.crop, 3) and synthetic.dtype == np.uint8
+    readme = (out / "README.md").read_text()
+    assert "B − A" in readme and "Protocol" in readme
+    for grid in report["grids"]:
+        assert (out / grid).is_file()
+    # A second invocation reuses every finished run (nothing retrained).
+    stamps = {p: p.stat().st_mtime for p in runs.glob("*/result.json")}
+    assert downstream.main(argv) == 0
+    assert stamps == {p: p.stat().st_mtime for p in runs.glob("*/result.json")}

@@ -1,0 +1,610 @@
+"""Issue #17: the downstream benchmark, the project's main quality number.
+
+    make eval-downstream            # = python -m training.experiments.downstream --data-root ../shared/data
+    python -m training.experiments.downstream --data-root tests/fixtures/data --quick --out /tmp/ds  # CI smoke
+
+Does adding rendered crops to a small real training set help a nuclei segmenter on patients no model saw?
+  * Held-back test set = training.data.benchmark_split (8 MoNuSeg patients over 6 organs, 6 CoNSeP tiles),
+    scored whole. No shipped model may train on it; each renderer's recorded split is checked and any overlap
+    is printed in the report.
+  * Per seed, the training groups are cut in two halves (training/experiments/downstream_data.py): k real
+    256 px crops come from one half, m = 4k masks from the other half are rendered through the gRPC Render
+    service (mask-rendering server on loopback, ONNX Runtime) by each version of renderer-he-nuclei.
+  * Arms: A = k real; B = the same k real + m synthetic (each batch half real, half synthetic); C = m synthetic.
+    Same U-Net, init, loss, augmentation, batch order and step budget in every arm of a seed.
+  * Scores on the held-back images: pixel Dice, object F1 (IoU > 0.5), AJI (training/experiments/
+    instance_metrics.py); mean +- std over seeds, paired differences with a paired t-test, per organ.
+  * Distribution scores (scoring service, our histology encoder unless a weights file is configured):
+    FID / KID / precision / recall of synthetic vs held-back real crops, beside real-vs-real at equal n, and
+    rgb2hed stain Wasserstein distances.
+Runs are cached under --runs-dir (a finished run leaves result.json), so re-running after a new renderer
+version only trains the new arms; arm A is shared by every renderer version.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: the host has 2 cores
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats as scipy_stats
+from skimage.color import hed2rgb, rgb2hed
+
+from clients.client import HistosynthClient
+from services.all_in_one import BackgroundServers
+from services.core.model_store import ModelManifest, ModelStore
+from training.data.augment import paired_augment
+from training.data.benchmark_split import BENCHMARK_HELD_BACK
+from training.experiments import downstream_data as data
+from training.experiments.coarse_to_fine import experiment_config
+from training.experiments.instance_metrics import image_counts, instances_from_prediction, scores
+from training.experiments.report import REPO_ROOT, ExperimentReport, ScoreOptions, ScoringSession, mean_std, table
+from training.models.tissue_segmenter import SegmenterConfig, TissueSegmenter
+
+NAME = "downstream"
+RENDERER = "renderer-he-nuclei"
+ARMS = ("A", "B", "C")
+ARM_NAMES = {"A": "A: k real", "B": "B: k real + 4k synthetic", "C": "C: 4k synthetic"}
+METRICS = ("pixel_dice", "object_f1", "aji")
+DEFAULT_RUNS = Path.home() / ".cache" / "histosynth" / "runs" / "experiments" / NAME
+RENDER_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Settings:
+    datasets: tuple[str, ...] = ("monuseg", "consep")
+    ks: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: {"monuseg": (16, 64), "consep": (16,)})
+    synthetic_factor: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    crop: int = 256  # real / synthetic crop size
+    train_crop: int = 128  # random sub-crop the segmenter trains on (fully convolutional at test time)
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2e-3
+    distribution_crops: int = 256  # n for FID/KID/PR where the data allows
+    parallel: int = 1
+    held_back: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(BENCHMARK_HELD_BACK))
+    renderer_versions: tuple[str, ...] = ()  # empty = every version in the store
+
+
+QUICK = Settings(datasets=("monuseg",), ks={"monuseg": (2,)}, seeds=(0, 1), crop=128, train_crop=64, steps=3,
+                 batch_size=2, distribution_crops=8, parallel=1,
+                 held_back={"monuseg": ("monuseg:TCGA-NH-A8F7",)})  # the fixture's held-back benchmark patient
+
+
+# ============================================================================================ data + rendering
+def _render(client: HistosynthClient, class_maps: np.ndarray, instances: np.ndarray, version: str,
+            seed: int) -> tuple[np.ndarray, dict[str, str]]:
+    images, model = [], None
+    for start in range(0, len(class_maps), RENDER_BATCH):
+        out = client.render(class_maps[start:start + RENDER_BATCH], model=RENDERER, version=version,
+                            instance_maps=instances[start:start + RENDER_BATCH], seed=seed + start, timeout=900)
+        images.append(out.images)
+        model = out.model
+    assert model is not None
+    return np.concatenate(images), {"name": model.name, "version": model.version, "sha256": model.sha256}
+
+
+def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
+            versions: Sequence[str]) -> dict[str, Any]:
+    """Draw every (dataset, seed), render its masks with every renderer version, cache arrays under data_dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model_store = ModelStore(store)
+    meta: dict[str, Any] = {}
+    config = experiment_config(store)
+    # Crops are rendered in one piece (the service's tile-size setting), not as the model's 128 px training
+    # tiles blended with overlap: 2.25x less work at 256 px and no seams where the instance norms differ.
+    os.environ.setdefault("HISTOSYNTH_RENDER_TILE_SIZE", str(settings.crop))
+    with BackgroundServers(config, services=["rendering"], ports={"rendering": 0}) as servers, \
+            HistosynthClient(targets={"rendering": servers.addresses["rendering"]}) as client:
+        for dataset in settings.datasets:
+            split = data.benchmark_split(data_root, dataset, settings.held_back[dataset])
+            test_path = data_dir / f"{dataset}-test.npz"
+            tests = data.test_images(split)
+            if not test_path.is_file():
+                np.savez_compressed(test_path, images=np.stack([t.image for t in tests]),
+                                    instances=np.stack([t.instances for t in tests]))
+            k_max = max(settings.ks[dataset])
+            entry: dict[str, Any] = {
+                "test": [{"name": t.name, "group": t.group, "organ": t.organ} for t in tests],
+                "train_groups": split.train_groups, "test_groups": split.test_groups, "seeds": {},
+                "renderers": {}}
+            for version in versions:
+                manifest = model_store.get(RENDERER, version)
+                entry["renderers"][version] = {"sha256": manifest.sha256,
+                                               "saw_held_back": data.renderer_saw(manifest, split.test_groups)}
+            for seed in settings.seeds:
+                path = data_dir / f"{dataset}-seed{seed}.npz"
+                draw_meta = data_dir / f"{dataset}-seed{seed}.json"
+                if not path.is_file():
+                    draw = data.draw_seed(split, seed, k_max, settings.synthetic_factor * k_max, settings.crop)
+                    np.savez_compressed(path, real_images=draw.real.images, real_instances=draw.real.instances,
+                                        mask_instances=draw.synthetic_masks.instances,
+                                        mask_class_maps=draw.synthetic_masks.class_maps,
+                                        mask_source_images=draw.synthetic_masks.images)
+                    draw_meta.write_text(json.dumps({"real_groups": draw.real_groups, "mask_groups": draw.mask_groups,
+                                                     "real_sources": draw.real.sources,
+                                                     "mask_sources": draw.synthetic_masks.sources}, indent=1))
+                entry["seeds"][seed] = json.loads(draw_meta.read_text())
+                arrays = np.load(path)
+                for version in versions:
+                    rendered = data_dir / f"{dataset}-seed{seed}-v{version}.npz"
+                    if rendered.is_file():
+                        continue
+                    manifest = model_store.get(RENDERER, version)
+                    class_maps = data.remap(arrays["mask_class_maps"], data.renderer_class_remap(manifest, dataset))
+                    started = time.perf_counter()
+                    images, model = _render(client, class_maps, arrays["mask_instances"], version, seed * 10_000)
+                    print(json.dumps({"rendered": dataset, "seed": seed, "version": version, "n": len(images),
+                                      "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+                    np.savez_compressed(rendered, images=images)
+                    (data_dir / f"{dataset}-seed{seed}-v{version}.json").write_text(json.dumps(model))
+            meta[dataset] = entry
+    return meta
+
+
+# ============================================================================================ segmenter
+def hed_jitter(image: np.ndarray, rng: np.random.Generator, scale: float = 0.05, shift: float = 0.01) -> np.ndarray:
+    """Stain augmentation in rgb2hed space (Tellez et al. 2018): per-channel scale and shift, every arm alike."""
+    hed = rgb2hed(image)
+    hed = hed * rng.uniform(1 - scale, 1 + scale, 3) + rng.uniform(-shift, shift, 3)
+    return (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str
+    k: int
+    seed: int
+    arm: str
+    version: str  # renderer version ("" for arm A)
+    run_dir: str
+    seed_file: str
+    synthetic_file: str
+    test_file: str
+    settings: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}-k{self.k}-seed{self.seed}-{self.arm}" + (f"-v{self.version}" if self.version else "")
+
+
+def _batch(spec: RunSpec, pools: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int,
+           settings: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([spec.seed, step])  # same draws in every arm of a seed
+    size = int(settings["batch_size"])
+    if spec.arm == "B":  # half real, half synthetic: the real crops are not drowned by 4x more renders
+        plan = ["real"] * (size // 2) + ["synthetic"] * (size - size // 2)
+    else:
+        plan = ["real" if spec.arm == "A" else "synthetic"] * size
+    images, labels = [], []
+    for source in plan:
+        pool_images, pool_targets = pools[source]
+        index = int(rng.integers(len(pool_images)))
+        image, target = paired_augment([pool_images[index], pool_targets[index]], int(settings["train_crop"]), rng)
+        images.append(hed_jitter(image, rng))
+        labels.append(target)
+    return np.stack(images), np.stack(labels)
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor([1.0, 1.0, 2.0])  # the thin boundary class separates touching nuclei
+    ce = torch.nn.functional.cross_entropy(logits, target, weight=weights)
+    nucleus = 1 - logits.softmax(1)[:, 0]
+    truth = (target > 0).float()
+    dice = 1 - (2 * (nucleus * truth).sum() + 1) / (nucleus.sum() + truth.sum() + 1)
+    return ce + dice
+
+
+def train_segmenter(spec: RunSpec, pools: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[torch.nn.Module, list]:
+    settings = spec.settings
+    torch.manual_seed(spec.seed)  # same init in every arm (and k) of a seed
+    model = TissueSegmenter(SegmenterConfig(num_classes=3, base_channels=16, depth=3))
+    steps = int(settings["steps"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(settings["lr"]), weight_decay=1e-4)
+    warmup = max(1, steps // 15)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    losses = []
+    model.train()
+    for step in range(steps):
+        images, labels = _batch(spec, pools, step, settings)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(_to_tensor(images))
+        loss = _loss(logits.float(), torch.from_numpy(labels).long())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(round(float(loss.item()), 4))
+    return model, losses
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """3-class prediction of one whole image (reflect-padded to the U-Net's multiple of 8)."""
+    model.eval()
+    height, width = image.shape[:2]
+    pad_h, pad_w = (-height) % 8, (-width) % 8
+    padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(_to_tensor(padded[None]))
+    return logits.float().argmax(1)[0, :height, :width].numpy().astype(np.uint8)
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    run_dir = Path(spec.run_dir)
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    torch.set_num_threads(1)
+    k, m = spec.k, spec.k * int(spec.settings["synthetic_factor"])
+    seed_arrays = np.load(spec.seed_file)
+    pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if spec.arm in ("A", "B"):
+        pools["real"] = (seed_arrays["real_images"][:k], data.targets(seed_arrays["real_instances"][:k]))
+    if spec.arm in ("B", "C"):
+        pools["synthetic"] = (np.load(spec.synthetic_file)["images"][:m],
+                              data.targets(seed_arrays["mask_instances"][:m]))
+    started = time.perf_counter()
+    model, losses = train_segmenter(spec, pools)
+    train_seconds = time.perf_counter() - started
+    test = np.load(spec.test_file)
+    counts, preview = [], None
+    for index, (image, truth) in enumerate(zip(test["images"], test["instances"])):
+        prediction = predict(model, image)
+        counts.append(image_counts(truth, instances_from_prediction(prediction)).as_dict())
+        if index == 0:
+            preview = prediction[:256, :256]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(run_dir / "preview.npz", prediction=preview)
+    result = {**{key: getattr(spec, key) for key in ("dataset", "k", "seed", "arm", "version")},
+              "train_seconds": round(train_seconds, 1), "steps": len(losses), "final_loss": losses[-1],
+              "loss_curve": losses[:: max(1, len(losses) // 20)], "counts": counts, "scores": scores(counts)}
+    result_path.write_text(json.dumps(result))
+    return result
+
+
+def run_from_dict(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return run_one(RunSpec(**spec))
+
+
+def run_all(specs: Sequence[RunSpec], parallel: int) -> list[dict[str, Any]]:
+    if parallel == 1:
+        results = []
+        for spec in specs:
+            results.append(run_one(spec))
+            print(json.dumps({"run": spec.key, **results[-1]["scores"]}), flush=True)
+        return results
+    from training.experiments import downstream as worker  # spawned workers import it by name, not __main__
+
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(worker.run_from_dict, [asdict(spec) for spec in specs]))
+
+
+# ============================================================================================ statistics
+def paired(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
+           metric: str, subset: Sequence[int] | None = None) -> dict[str, Any] | None:
+    """arm - A per seed, mean +- std and a two-sided paired t-test (None when fewer than 2 seeds pair)."""
+    def score(r: Mapping[str, Any]) -> float:
+        counts = r["counts"] if subset is None else [r["counts"][i] for i in subset]
+        return scores(counts)[metric]
+    base = {r["seed"]: score(r) for r in results if (r["dataset"], r["k"], r["arm"]) == (dataset, k, "A")}
+    other = {r["seed"]: score(r) for r in results
+             if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, version)}
+    seeds = sorted(set(base) & set(other))
+    if len(seeds) < 2:
+        return None
+    diffs = [other[s] - base[s] for s in seeds]
+    test = scipy_stats.ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
+    p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
+    return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs))}
+
+
+def arm_scores(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
+               subset: Sequence[int] | None = None) -> dict[str, Any] | None:
+    runs = [r for r in results if (r["dataset"], r["k"], r["arm"]) == (dataset, k, arm)
+            and (arm == "A" or r["version"] == version)]
+    if not runs:
+        return None
+    per_seed = [scores(r["counts"] if subset is None else [r["counts"][i] for i in subset]) for r in runs]
+    return {metric: mean_std([s[metric] for s in per_seed]) for metric in METRICS} | {
+        "seeds": sorted(r["seed"] for r in runs)}
+
+
+def stain_distances(a: np.ndarray, b: np.ndarray, seed: int = 0, pixels: int = 200_000) -> dict[str, float]:
+    """1-D Wasserstein distance of rgb2hed H, E (and DAB) optical densities between two image sets."""
+    rng = np.random.default_rng(seed)
+
+    def sample(images: np.ndarray) -> np.ndarray:
+        flat = images.reshape(-1, 3)
+        return rgb2hed(flat[rng.integers(len(flat), size=min(pixels, len(flat)))][None])[0]
+    hed_a, hed_b = sample(a), sample(b)
+    return {name: float(scipy_stats.wasserstein_distance(hed_a[:, i], hed_b[:, i]))
+            for i, name in enumerate(("H", "E", "DAB"))}
+
+
+def distribution_scores(settings: Settings, meta: Mapping[str, Any], data_dir: Path, store: Path,
+                        versions: Sequence[str]) -> dict[str, Any]:
+    """Synthetic vs held-back real, and real (training tiles) vs held-back real, at equal n."""
+    out: dict[str, Any] = {}
+    config = experiment_config(store)
+    with ScoringSession(store, config) as scorer:
+        for dataset in settings.datasets:
+            test = np.load(data_dir / f"{dataset}-test.npz")["images"]
+            size = settings.crop
+            held = data.grid_crops(list(test), size, max(size // 2, 1))
+            seed0 = settings.seeds[0]
+            arrays = np.load(data_dir / f"{dataset}-seed{seed0}.npz")
+            # Real training crops from the seed's mask-source tiles: the tiles the synthetic masks come from.
+            real_train = arrays["mask_source_images"]
+            n = min(settings.distribution_crops, len(held), len(real_train))
+            rng = np.random.default_rng(0)
+            held_n = held[rng.permutation(len(held))[:n]]
+            entry: dict[str, Any] = {"n": int(n), "held_back_crops_available": int(len(held)),
+                                     "warning": None if n >= 256 else
+                                     f"n = {n} < 256 crops: FID is biased upwards at small n, compare only "
+                                     "against the real-vs-real row at the same n"}
+            options = ScoreOptions(kid_subset_size=max(2, n // 2), kid_subsets=100)
+            entry["real_vs_real"] = scorer.score(held_n, real_train[:n], options)
+            entry["real_vs_real"]["stain_wasserstein"] = stain_distances(held_n, real_train[:n])
+            for version in versions:
+                synthetic = np.load(data_dir / f"{dataset}-seed{seed0}-v{version}.npz")["images"][:n]
+                entry[f"v{version}"] = scorer.score(held_n, synthetic, options)
+                entry[f"v{version}"]["stain_wasserstein"] = stain_distances(held_n, synthetic)
+            out[dataset] = entry
+    return out
+
+
+# ============================================================================================ report
+def _pm(stats: Mapping[str, Any] | None) -> str:
+    return "–" if stats is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def _diff(stats: Mapping[str, Any] | None) -> str:
+    if stats is None:
+        return "–"
+    return f"{stats['mean']:+.3f} ± {stats['std']:.3f} (p = {stats['p_paired_t']:.3f}, {stats['higher']}/{stats['n']})"
+
+
+def summarize(settings: Settings, results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
+              versions: Sequence[str]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for dataset in settings.datasets:
+        organs = sorted({t["organ"] for t in meta[dataset]["test"]})
+        for k in settings.ks[dataset]:
+            for version in versions:
+                key = f"{dataset}/k{k}/v{version}"
+                entry: dict[str, Any] = {"arms": {arm: arm_scores(results, dataset, k, arm, version) for arm in ARMS},
+                                         "paired": {f"{arm}-A": {m: paired(results, dataset, k, arm, version, m)
+                                                                 for m in METRICS} for arm in ("B", "C")}}
+                entry["per_organ"] = {}
+                for organ in organs:
+                    subset = [i for i, t in enumerate(meta[dataset]["test"]) if t["organ"] == organ]
+                    entry["per_organ"][organ] = {
+                        "tiles": len(subset),
+                        "arms": {arm: arm_scores(results, dataset, k, arm, version, subset) for arm in ARMS},
+                        "B-A": {m: paired(results, dataset, k, "B", version, m, subset) for m in METRICS}}
+                seen = meta[dataset]["renderers"][version]["saw_held_back"]
+                if seen:  # the same scores on the held-back images this renderer never trained on
+                    subset = [i for i, t in enumerate(meta[dataset]["test"]) if t["group"] not in seen]
+                    entry["unseen_by_renderer"] = {"excluded_groups": seen, "tiles": len(subset), "B-A": {
+                        m: paired(results, dataset, k, "B", version, m, subset) if subset else None
+                        for m in METRICS}}
+                summary[key] = entry
+    return summary
+
+
+def done_when(summary: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """Issue #17's acceptance checks for one renderer version, on MoNuSeg."""
+    k16, k64 = summary.get(f"monuseg/k16/v{version}"), summary.get(f"monuseg/k64/v{version}")
+    checks: dict[str, Any] = {}
+    if k16:
+        for metric in ("pixel_dice", "object_f1"):
+            d = k16["paired"]["B-A"][metric]
+            checks[f"k16 B-A {metric} >= +0.03, p < 0.05"] = bool(d and d["mean"] >= 0.03 and d["p_paired_t"] < 0.05)
+        c = k16["paired"]["C-A"]["pixel_dice"]
+        checks["k16 C within 0.05 Dice of A"] = bool(c and c["mean"] >= -0.05)
+    if k64:
+        d = k64["paired"]["B-A"]["pixel_dice"]
+        f = k64["paired"]["B-A"]["object_f1"]
+        checks["k64 B >= A (Dice and object F1)"] = bool(d and f and d["mean"] >= 0 and f["mean"] >= 0)
+    return checks
+
+
+def write_report(out: Path, command: str, settings: Settings, meta: Mapping[str, Any],
+                 results: Sequence[Mapping[str, Any]], distributions: Mapping[str, Any], versions: Sequence[str],
+                 data_dir: Path, runs_dir: Path, started: float) -> Path:
+    report = ExperimentReport(NAME, command, out)
+    report.started = started
+    summary = summarize(settings, results, meta, versions)
+    checks = {f"v{v}": done_when(summary, v) for v in versions}
+    grids = _grids(report, settings, data_dir, runs_dir, versions)
+    report.results = {"settings": _jsonable(asdict(settings)), "split": {d: {k: meta[d][k] for k in (
+        "train_groups", "test_groups", "test", "renderers")} for d in settings.datasets},
+        "seeds": {d: meta[d]["seeds"] for d in settings.datasets}, "summary": summary, "done_when": checks,
+        "distribution": distributions, "runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in results],
+        "grids": grids}
+    sections = []
+    for key, entry in summary.items():
+        dataset, k_label, version = key.split("/")
+        k = int(k_label[1:])
+        rows = [[ARM_NAMES[arm]] + [_pm((entry["arms"][arm] or {}).get(m)) for m in METRICS] for arm in ARMS]
+        diff_rows = [[f"{arm} − A"] + [_diff(entry["paired"][f"{arm}-A"][m]) for m in METRICS] for arm in ("B", "C")]
+        organ_rows = [[organ, str(o["tiles"])] + [_pm((o["arms"][arm] or {}).get("pixel_dice")) for arm in ARMS]
+                      + [_diff(o["B-A"]["pixel_dice"]), _diff(o["B-A"]["object_f1"])]
+                      for organ, o in entry["per_organ"].items()]
+        unseen = entry.get("unseen_by_renderer")
+        unseen_line = "" if not unseen else (
+            f"\nThis renderer trained on held-back group(s) {', '.join(unseen['excluded_groups'])}; on the other "
+            f"{unseen['tiles']} images B − A is Dice {_diff(unseen['B-A']['pixel_dice'])}, object F1 "
+            f"{_diff(unseen['B-A']['object_f1'])}.\n")
+        sections.append(f"""### {dataset}, k = {k}, m = {settings.synthetic_factor * k}, renderer {RENDERER} {version}
+
+{table(["arm", "pixel Dice", "object F1 (IoU > 0.5)", "AJI"], rows)}
+{table(["paired difference", "pixel Dice", "object F1", "AJI"], diff_rows)}
+Per organ (pixel Dice; differences paired by seed):
+
+{table(["organ", "images", "A", "B", "C", "B − A Dice", "B − A object F1"], organ_rows)}{unseen_line}""")
+    dist_rows = []
+    for dataset, entry in distributions.items():
+        for name in ["real_vs_real"] + [f"v{v}" for v in versions]:
+            s = entry[name]
+            label = "real (training tiles) vs held-back" if name == "real_vs_real" else f"{RENDERER} {name} vs held-back"
+            dist_rows.append([dataset, label, str(entry["n"]), f"{s['fid']:.1f}", f"{s['kid_mean']:.4f}",
+                              f"{s['precision']:.3f}", f"{s['recall']:.3f}",
+                              f"{s['stain_wasserstein']['H']:.4f}", f"{s['stain_wasserstein']['E']:.4f}"])
+    extractor = "?"
+    if distributions:
+        e = next(iter(distributions.values()))["real_vs_real"]["extractor"]
+        extractor = f"{e['name']} v{e['version']} ({e['family']}, standard FID: {e['standard_fid']})"
+    warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
+    check_rows = [[version, name, "yes" if ok else "**no**"] for version, c in checks.items() for name, ok in c.items()]
+    total_minutes = sum(r["train_seconds"] for r in results) / 60
+    markdown = f"""
+## Acceptance (issue #17, MoNuSeg held-back patients)
+
+{table(["renderer", "check", "met"], check_rows)}
+## Downstream segmentation (held-back images, mean ± std over seeds {list(settings.seeds)})
+
+Differences are arm − A per seed: mean ± std (two-sided paired t-test p, seeds where the arm is higher).
+
+{chr(10).join(sections)}
+## Distribution and stain scores (seed {settings.seeds[0]}'s synthetic crops)
+
+Extractor: `{extractor}`. KID subsets of n/2. Stain: 1-D Wasserstein distance of rgb2hed optical densities.
+{chr(10).join(warnings)}
+
+{table(["data", "set", "n", "FID", "KID", "precision", "recall", "W1 H", "W1 E"], dist_rows)}
+Grids: `segmentation.png` (held-back crop | truth | A | B | C, k = {min(min(v) for v in settings.ks.values())}, seed
+{settings.seeds[0]}; classes: interior, boundary), `synthetic_<dataset>.png` (mask | render per version | real image of
+that mask).
+
+## Protocol
+
+- Held-back (never trained on by the segmenters here, nor by any renderer version unless listed above):
+  {'; '.join(f"{d}: {', '.join(meta[d]['test_groups'])}" for d in settings.datasets)}.
+  Scored whole ({', '.join(f"{d}: {len(meta[d]['test'])} images" for d in settings.datasets)}).
+- Per seed the training groups are shuffled and halved: k real {settings.crop} px crops from one half, the
+  masks of m = {settings.synthetic_factor}k crops from the other half rendered through the gRPC Render service
+  (mask-rendering server on loopback, ONNX Runtime CPU, each crop in one piece via HISTOSYNTH_RENDER_TILE_SIZE;
+  class ids remapped as each renderer was trained, instance maps passed for edges, render seed fixed per seed). Draws are nested: k = 16 uses the first 16 of the k = 64 crops.
+- Segmenter: `TissueSegmenter` U-Net (base 16, depth 3), 3 classes (background, nucleus interior, 1-2 px
+  nucleus boundary); loss CE (boundary weight 2) + soft Dice on nucleus; AdamW lr {settings.lr}, warm-up +
+  cosine; {settings.steps} steps of batch {settings.batch_size} ({settings.train_crop} px random sub-crops, flips,
+  rot90, rgb2hed stain jitter ±5 % scale / ±0.01 shift) in every arm; bf16 autocast; B batches are half real,
+  half synthetic. Same init and batch-order RNG in all arms of a seed. The final step is scored.
+- Instances: connected interior regions grown {3} px over predicted nucleus pixels, fragments < 16 px dropped.
+  Pixel Dice and object F1 pool the images; AJI is the mean over images.
+- Compute: {len(results)} runs, {total_minutes:.1f} min of training in total on a 2-core CPU shared with other jobs,
+  {settings.parallel} run(s) at a time, 1 thread each.
+"""
+    return report.write(markdown)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _colour(prediction: np.ndarray) -> np.ndarray:
+    palette = np.array([[0, 0, 0], [255, 225, 25], [230, 25, 75]], np.uint8)
+    return palette[np.clip(prediction, 0, 2)]
+
+
+def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_dir: Path,
+           versions: Sequence[str]) -> list[str]:
+    files = []
+    seed = settings.seeds[0]
+    rows = []
+    for dataset in settings.datasets:
+        test = np.load(data_dir / f"{dataset}-test.npz")
+        k = min(settings.ks[dataset])
+        truth = data.three_class_target(test["instances"][0][:256, :256])
+        row = [test["images"][0][:256, :256], _colour(truth)]
+        for arm, version in [("A", "")] + [(arm, versions[-1]) for arm in ("B", "C")]:
+            run = runs_dir / RunSpec(dataset, k, seed, arm, version, "", "", "", "", {}).key / "preview.npz"
+            if run.is_file():
+                row.append(_colour(np.load(run)["prediction"]))
+        rows.append(row)
+    files.append(report.save_grid("segmentation.png", rows))
+    for dataset in settings.datasets:
+        arrays = np.load(data_dir / f"{dataset}-seed{seed}.npz")
+        renders = [np.load(data_dir / f"{dataset}-seed{seed}-v{v}.npz")["images"] for v in versions]
+        grid = [[_colour(data.three_class_target(arrays["mask_instances"][i]))] + [r[i] for r in renders]
+                + [arrays["mask_source_images"][i]] for i in range(min(4, len(arrays["mask_instances"])))]
+        files.append(report.save_grid(f"synthetic_{dataset}.png", grid))
+    return files
+
+
+# ============================================================================================ driver
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.experiments.downstream", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / NAME)
+    parser.add_argument("--store", type=Path, default=REPO_ROOT / "model_store")
+    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    parser.add_argument("--quick", action="store_true", help="fixture-sized smoke run (CI)")
+    parser.add_argument("--versions", nargs="*", help=f"{RENDERER} versions (default: all in the store)")
+    parser.add_argument("--seeds", type=int, nargs="*")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--parallel", type=int)
+    parser.add_argument("--no-distribution", action="store_true", help="skip FID/KID/PR and stain scores")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else Settings()
+    for name in ("steps", "parallel"):
+        if getattr(args, name) is not None:
+            settings = replace(settings, **{name: getattr(args, name)})
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(args.seeds))
+    versions = tuple(args.versions) if args.versions else tuple(
+        ModelStore(args.store).versions(RENDERER))
+    command = "python -m training.experiments.downstream " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.time()
+    data_dir = args.runs_dir / "data"
+    meta = prepare(settings, args.data_root, args.store, data_dir, versions)
+    specs = []
+    plain = _jsonable(asdict(settings))
+    for k_rank in range(max(len(v) for v in settings.ks.values())):  # every k = 16 run before any k = 64 run
+        for dataset in settings.datasets:
+            if k_rank >= len(settings.ks[dataset]):
+                continue
+            k = settings.ks[dataset][k_rank]
+            for seed in settings.seeds:
+                arms = [("A", "")] + [(arm, v) for v in versions for arm in ("B", "C")]
+                for arm, version in arms:
+                    spec = RunSpec(dataset, k, seed, arm, version, "", str(data_dir / f"{dataset}-seed{seed}.npz"),
+                                   str(data_dir / f"{dataset}-seed{seed}-v{version}.npz") if version else "",
+                                   str(data_dir / f"{dataset}-test.npz"), plain)
+                    specs.append(replace(spec, run_dir=str(args.runs_dir / spec.key)))
+    results = run_all(specs, settings.parallel)
+    distributions = {} if args.no_distribution else distribution_scores(settings, meta, data_dir, args.store, versions)
+    path = write_report(args.out, command, settings, meta, results, distributions, versions, data_dir, args.runs_dir,
+                        started)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
