@@ -46,14 +46,15 @@ from skimage.color import hed2rgb, rgb2hed
 
 from clients.client import HistosynthClient
 from services.all_in_one import BackgroundServers
-from services.core.model_store import ModelManifest, ModelStore
+from services.core.model_store import ModelStore
 from training.data.augment import paired_augment
 from training.data.benchmark_split import BENCHMARK_HELD_BACK
 from training.experiments import downstream_data as data
 from training.experiments.coarse_to_fine import experiment_config
-from training.experiments.instance_metrics import image_counts, instances_from_prediction, scores
+from training.experiments.instance_metrics import image_counts, instances_from_prediction, scores, three_class_target
 from training.experiments.report import REPO_ROOT, ExperimentReport, ScoreOptions, ScoringSession, mean_std, table
 from training.models.tissue_segmenter import SegmenterConfig, TissueSegmenter
+from training.trainers.scoring_trainers import images_to_tensor
 
 NAME = "downstream"
 RENDERER = "renderer-he-nuclei"
@@ -114,13 +115,13 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
         for dataset in settings.datasets:
             split = data.benchmark_split(data_root, dataset, settings.held_back[dataset])
             test_path = data_dir / f"{dataset}-test.npz"
-            tests = data.test_images(split)
             if not test_path.is_file():
+                tests = data.test_images(split)
                 np.savez_compressed(test_path, images=np.stack([t.image for t in tests]),
                                     instances=np.stack([t.instances for t in tests]))
             k_max = max(settings.ks[dataset])
             entry: dict[str, Any] = {
-                "test": [{"name": t.name, "group": t.group, "organ": t.organ} for t in tests],
+                "test": [data.test_image_info(split.dataset, r) for r in split.test],
                 "train_groups": split.train_groups, "test_groups": split.test_groups, "seeds": {},
                 "renderers": {}}
             for version in versions:
@@ -201,10 +202,6 @@ def _batch(spec: RunSpec, pools: Mapping[str, tuple[np.ndarray, np.ndarray]], st
     return np.stack(images), np.stack(labels)
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor([1.0, 1.0, 2.0])  # the thin boundary class separates touching nuclei
     ce = torch.nn.functional.cross_entropy(logits, target, weight=weights)
@@ -228,7 +225,7 @@ def train_segmenter(spec: RunSpec, pools: Mapping[str, tuple[np.ndarray, np.ndar
     for step in range(steps):
         images, labels = _batch(spec, pools, step, settings)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(_to_tensor(images))
+            logits = model(images_to_tensor(images))
         loss = _loss(logits.float(), torch.from_numpy(labels).long())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,7 +243,7 @@ def predict(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     pad_h, pad_w = (-height) % 8, (-width) % 8
     padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(_to_tensor(padded[None]))
+        logits = model(images_to_tensor(padded[None]))
     return logits.float().argmax(1)[0, :height, :width].numpy().astype(np.uint8)
 
 
@@ -342,7 +339,7 @@ def stain_distances(a: np.ndarray, b: np.ndarray, seed: int = 0, pixels: int = 2
             for i, name in enumerate(("H", "E", "DAB"))}
 
 
-def distribution_scores(settings: Settings, meta: Mapping[str, Any], data_dir: Path, store: Path,
+def distribution_scores(settings: Settings, data_dir: Path, store: Path,
                         versions: Sequence[str]) -> dict[str, Any]:
     """Synthetic vs held-back real, and real (training tiles) vs held-back real, at equal n."""
     out: dict[str, Any] = {}
@@ -541,7 +538,7 @@ def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_di
     for dataset in settings.datasets:
         test = np.load(data_dir / f"{dataset}-test.npz")
         k = min(settings.ks[dataset])
-        truth = data.three_class_target(test["instances"][0][:256, :256])
+        truth = three_class_target(test["instances"][0][:256, :256])
         row = [test["images"][0][:256, :256], _colour(truth)]
         for arm, version in [("A", "")] + [(arm, versions[-1]) for arm in ("B", "C")]:
             run = runs_dir / RunSpec(dataset, k, seed, arm, version, "", "", "", "", {}).key / "preview.npz"
@@ -552,7 +549,7 @@ def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_di
     for dataset in settings.datasets:
         arrays = np.load(data_dir / f"{dataset}-seed{seed}.npz")
         renders = [np.load(data_dir / f"{dataset}-seed{seed}-v{v}.npz")["images"] for v in versions]
-        grid = [[_colour(data.three_class_target(arrays["mask_instances"][i]))] + [r[i] for r in renders]
+        grid = [[_colour(three_class_target(arrays["mask_instances"][i]))] + [r[i] for r in renders]
                 + [arrays["mask_source_images"][i]] for i in range(min(4, len(arrays["mask_instances"])))]
         files.append(report.save_grid(f"synthetic_{dataset}.png", grid))
     return files
@@ -599,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    str(data_dir / f"{dataset}-test.npz"), plain)
                     specs.append(replace(spec, run_dir=str(args.runs_dir / spec.key)))
     results = run_all(specs, settings.parallel)
-    distributions = {} if args.no_distribution else distribution_scores(settings, meta, data_dir, args.store, versions)
+    distributions = {} if args.no_distribution else distribution_scores(settings, data_dir, args.store, versions)
     path = write_report(args.out, command, settings, meta, results, distributions, versions, data_dir, args.runs_dir,
                         started)
     print(f"wrote {path}")

@@ -115,14 +115,20 @@ class TestImage:
     instances: np.ndarray
 
 
+def test_image_info(dataset: str, record: Record) -> dict[str, str]:
+    """Name, group and organ of a held-back image, from its record alone (no pixels read)."""
+    organ = record.labels.get("organ", "colorectal" if dataset == "consep" else "unknown")
+    return {"name": record.image_path.stem, "group": record.group, "organ": organ}
+
+
 def test_images(split: Split) -> list[TestImage]:
     """Every held-back image whole (MoNuSeg 1000 px tiles, CoNSeP 256 px patches)."""
     out = []
     for record in split.test:
         sample = load_sample(record)
         inst = sample.instances if sample.instances is not None else np.zeros(sample.class_map.shape, np.uint16)
-        organ = record.labels.get("organ", "colorectal" if split.dataset == "consep" else "unknown")
-        out.append(TestImage(record.image_path.stem, record.group, organ, sample.image, inst.astype(np.int32)))
+        out.append(TestImage(**test_image_info(split.dataset, record), image=sample.image,
+                             instances=inst.astype(np.int32)))
     return out
 
 
