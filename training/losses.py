@@ -44,3 +44,23 @@ def feature_matching_loss(fake_features: Sequence[Sequence[torch.Tensor]],
 
 def l1_reconstruction_loss(fake: torch.Tensor, real: torch.Tensor, lambda_l1: float = 100.0) -> torch.Tensor:
     return F.l1_loss(fake, real) * lambda_l1
+
+
+def mask_consistency_loss(logits: torch.Tensor, class_map: torch.Tensor,
+                          allowed: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Mean -log P(the segmenter finds what the mask says) over pixels, for a frozen segmenter run on a render.
+
+    `allowed[c]` = the segmenter classes that count as renderer class c (e.g. an untyped MoNuSeg nucleus is any
+    of the four CoNSeP types), so P = the sum of those classes' probabilities (a logsumexp of log-probabilities).
+    The gradient reaches the renderer through the segmenter: renders whose nuclei a segmenter cannot find where
+    the mask puts them cost more, which is exactly what makes a render useless as training data.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    num_segmenter_classes = logits.shape[1]
+    membership = torch.full((len(allowed), num_segmenter_classes), float("-inf"), device=logits.device)
+    for renderer_class, segmenter_classes in enumerate(allowed):
+        membership[renderer_class, list(segmenter_classes)] = 0.0
+    # [B, R, S, H, W] would be large; gather per renderer class instead: mask[b, h, w] = membership[class_map]
+    per_pixel_mask = membership[class_map.long()].permute(0, 3, 1, 2)  # [B, S, H, W], 0 or -inf
+    log_p = torch.logsumexp(log_probs + per_pixel_mask, dim=1)
+    return -log_p.mean()

@@ -15,8 +15,23 @@ SUPERVISED_TRAINERS = ("encoder", "segmenter")
 SINGLE_MODEL_TRAINERS = (*SUPERVISED_TRAINERS, "diffusion")
 
 
+def merge_configs(base: dict, override: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in `override` replaces the base value."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: Path | str) -> dict:
-    config = yaml.safe_load(Path(path).read_text())
+    path = Path(path)
+    config = yaml.safe_load(path.read_text())
+    # `extends: other.yaml` (relative to this file): a later recipe states only what it changes.
+    if "extends" in config:
+        config = merge_configs(load_config(path.parent / config.pop("extends")), config)
     # GAN configs describe a generator + discriminator; the supervised scoring models (encoder/segmenter) a `model`.
     networks = ("model",) if config.get("trainer") in SINGLE_MODEL_TRAINERS else ("generator", "discriminator")
     for key in ("name", "kind", "trainer", "data", *networks, "train"):

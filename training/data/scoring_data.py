@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from training.data.augment import paired_augment
+from training.data.benchmark_split import held_back_groups
 from training.data.derived_labels import tissue_gland_class_map
 from training.data.shared_layout import (
     PatchRecord,
@@ -59,11 +60,14 @@ def encoder_class_of(record: PatchRecord) -> int:
 
 # ------------------------------------------------------------------------------------------- splits
 def split_per_dataset(records: Sequence[Record] | Sequence[PatchRecord], fractions: Sequence[float],
-                      seed: int) -> dict[str, list]:
-    """split_records applied to each dataset separately (so every dataset is represented in each split)."""
+                      seed: int, held_back: str | Sequence[str] | None = None) -> dict[str, list]:
+    """split_records applied to each dataset separately (so every dataset is represented in each split).
+
+    `held_back` ("benchmark" or group names, as a training source's `held_back`) forces those groups to "test"."""
     out: dict[str, list] = {"train": [], "val": [], "test": []}
     for dataset in sorted({r.dataset for r in records}):
-        part = split_records([r for r in records if r.dataset == dataset], tuple(fractions), seed)
+        forced = held_back_groups({"dataset": dataset, "held_back": held_back}) if held_back is not None else ()
+        part = split_records([r for r in records if r.dataset == dataset], tuple(fractions), seed, held_back=forced)
         for name, rows in part.items():
             out[name].extend(rows)
     return out

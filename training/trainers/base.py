@@ -216,6 +216,25 @@ class GanTrainer:
         self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
         return True
 
+    def maybe_warm_start(self) -> Path | None:
+        """`train.init_from: <run>` starts a new run from another run's weights (G, D and EMA; fresh optimisers
+        and lr schedule), read from <runs dir>/<run>/latest.pt, the runs dir being this run's parent. Used when
+        a later recipe (a new loss) continues an earlier one instead of starting from random weights."""
+        source = self.train_cfg.get("init_from")
+        if not source:
+            return None
+        path = self.out_dir.parent / str(source) / CHECKPOINT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"train.init_from: {path} does not exist; train run {source!r} into "
+                                    f"{self.out_dir.parent} first (its config names the command)")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        generator_weights = payload.get("generator_ema") or payload["generator"]
+        self.generator.load_state_dict(generator_weights)
+        self.discriminator.load_state_dict(payload["discriminator"])
+        if self.generator_ema is not None:
+            self.generator_ema.load_state_dict(generator_weights)
+        return path
+
     @torch.no_grad()
     def save_grid(self, path: Path, n: int = 4) -> Path:
         self.generator.eval()
@@ -256,6 +275,7 @@ class GanTrainer:
     def fit(self) -> TrainState:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.maybe_resume()
+        warm_start = None if resumed else self.maybe_warm_start()
         (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=2))
         (self.out_dir / "splits.json").write_text(json.dumps(self.splits, indent=2))
         log_every = int(self.train_cfg.get("log_every", 10))
@@ -271,6 +291,8 @@ class GanTrainer:
         with open(self.out_dir / "losses.jsonl", "a") as log:
             if resumed:
                 log.write(json.dumps({"event": "resumed", "step": self.state.step}) + "\n")
+            if warm_start is not None:
+                log.write(json.dumps({"event": "warm_started", "from": str(warm_start)}) + "\n")
             while self.state.step < self.total_steps:
                 if self.time_budget_s is not None and time.perf_counter() - start_time > self.time_budget_s:
                     log.write(json.dumps({"event": "time_budget_reached", "step": self.state.step}) + "\n")

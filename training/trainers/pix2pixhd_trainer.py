@@ -19,9 +19,10 @@ from training.data.datasets import MaskToImageDataset, PolygonMaskDataset
 from training.data.derived_labels import TissueGlandDataset
 from training.data.benchmark_split import held_back_groups
 from training.data.shared_layout import load_records, split_records
-from training.losses import feature_matching_loss, lsgan_loss
+from training.losses import feature_matching_loss, lsgan_loss, mask_consistency_loss
 from training.models.pix2pixhd_global import GlobalGenerator, MultiscaleDiscriminator
-from training.trainers.base import GanTrainer, to_uint8_image
+from training.models.tissue_segmenter import TissueSegmenter
+from training.trainers.base import CHECKPOINT_NAME, GanTrainer, to_uint8_image
 from training.trainers.pix2pix_trainer import set_requires_grad
 
 # "derive" key of a data source -> dataset class (how its class map is built)
@@ -82,6 +83,28 @@ class Pix2PixHDTrainer(GanTrainer):
         self.discriminator = MultiscaleDiscriminator(in_channels=input_channels(self.config) + 3,
                                                      **self.config["discriminator"])
         self.lambda_feat = float(self.train_cfg.get("lambda_feat", 10.0))
+        self.consistency = self._consistency_segmenter(self.train_cfg.get("consistency"))
+
+    def _consistency_segmenter(self, settings: Mapping[str, Any] | None) -> tuple[TissueSegmenter, list, float] | None:
+        """`train.consistency: {segmenter_run, weight, allowed_classes}`: a frozen segmenter (a finished run in
+        the same runs dir, trained with the benchmark held back) whose loss on the render pulls nuclei where the
+        mask puts them. allowed_classes[c] lists the segmenter classes that count as renderer class c."""
+        if not settings:
+            return None
+        from training.trainers.scoring_trainers import build_segmenter  # torch-heavy; only configs that use it
+
+        path = self.out_dir.parent / str(settings["segmenter_run"]) / CHECKPOINT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"train.consistency.segmenter_run: {path} does not exist; train it first")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        segmenter = build_segmenter(payload["config"])
+        segmenter.load_state_dict(payload["model"])
+        segmenter.eval().requires_grad_(False)
+        allowed = [list(map(int, c)) for c in settings["allowed_classes"]]
+        if len(allowed) != self.num_classes:
+            raise ValueError(f"train.consistency.allowed_classes has {len(allowed)} entries for "
+                             f"{self.num_classes} renderer classes")
+        return segmenter, allowed, float(settings.get("weight", 1.0))
 
     def generator_input(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch["label"]
@@ -108,10 +131,20 @@ class Pix2PixHDTrainer(GanTrainer):
             pred_fake_g = as_float(self.discriminator(label, fake))
         loss_g_gan = lsgan_loss(pred_fake_g, True)
         loss_g_fm = feature_matching_loss(pred_fake_g, pred_real, self.lambda_feat)  # real features detached inside
-        (loss_g_gan + loss_g_fm).backward()
+        losses = {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item(), "g_gan": loss_g_gan.item(),
+                  "g_fm": loss_g_fm.item()}
+        loss_g = loss_g_gan + loss_g_fm
+        if self.consistency is not None:
+            segmenter, allowed, weight = self.consistency
+            class_map = label[:, :self.num_classes].argmax(1)
+            with self.autocast():
+                logits = segmenter((fake.float() + 1.0) * 127.5)  # the segmenter takes RGB in [0, 255]
+            loss_seg = mask_consistency_loss(logits, class_map, allowed)
+            loss_g = loss_g + weight * loss_seg
+            losses["g_seg"] = loss_seg.item()
+        loss_g.backward()
         self.opt_g.step()
-        return {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item(), "g_gan": loss_g_gan.item(),
-                "g_fm": loss_g_fm.item()}
+        return losses
 
     def visual_row(self, sample: Mapping[str, torch.Tensor], fake: torch.Tensor) -> list[np.ndarray]:
         return [render_label(sample["label"], self.num_classes), to_uint8_image(sample["image"]),

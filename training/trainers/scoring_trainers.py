@@ -253,7 +253,7 @@ def build_segmenter(config: Mapping[str, Any]) -> TissueSegmenter:
 def segmenter_splits(data_root: Path, data_cfg: Mapping[str, Any]) -> dict[str, list]:
     scheme = segmentation_scheme(data_cfg["scheme"])
     return split_per_dataset(load_scheme_records(data_root, scheme), data_cfg["split_fractions"],
-                             int(data_cfg.get("split_seed", 0)))
+                             int(data_cfg.get("split_seed", 0)), held_back=data_cfg.get("held_back"))
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, partial: torch.Tensor,

@@ -1,0 +1,103 @@
+"""renderer-he-nuclei v3's recipe: a config that `extends` another, a warm start from an earlier run, and the
+frozen-segmenter mask-consistency loss (training/losses.py), each run for real on the fixture data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+
+from tests.unit.training.test_training_pipeline import FIXTURE_DATA, tiny_config, write_config  # noqa: E402
+from training.losses import mask_consistency_loss  # noqa: E402
+from training.train import load_config, main as train_main, merge_configs  # noqa: E402
+from training.trainers import get_trainer  # noqa: E402
+
+pytestmark = pytest.mark.torch
+CONFIGS = Path(__file__).resolve().parents[3] / "training" / "configs"
+
+
+def test_merge_configs_merges_mappings_and_replaces_everything_else() -> None:
+    base = {"train": {"lr": 1, "steps": 5}, "data": {"sources": [1, 2]}, "name": "a"}
+    merged = merge_configs(base, {"train": {"lr": 2}, "data": {"sources": [3]}})
+    assert merged == {"train": {"lr": 2, "steps": 5}, "data": {"sources": [3]}, "name": "a"}
+    assert base["train"]["lr"] == 1, "the base config is not modified"
+
+
+def test_v3_config_extends_v2_and_keeps_its_data_and_export() -> None:
+    v2, v3 = load_config(CONFIGS / "renderer-he-nuclei.yaml"), load_config(CONFIGS / "renderer-he-nuclei-v3.yaml")
+    assert "extends" not in v3 and v3["name"] == v2["name"]
+    assert v3["data"] == v2["data"] and v3["export"] == v2["export"] and v3["generator"] == v2["generator"]
+    assert v3["train"]["init_from"] == "renderer-he-nuclei-v2" and v3["train"]["precision"] == "bf16"
+    assert len(v3["train"]["consistency"]["allowed_classes"]) == v2["data"]["num_classes"]
+
+
+def test_consistency_loss_is_minus_log_probability_of_the_allowed_classes() -> None:
+    # one pixel per case, 3 segmenter classes with probabilities (0.5, 0.3, 0.2)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).view(1, 3, 1, 1)
+    allowed = [[0], [1], [1, 2]]
+    for renderer_class, expected in ((0, 0.5), (1, 0.3), (2, 0.5)):
+        loss = mask_consistency_loss(logits, torch.tensor([[[renderer_class]]]), allowed)
+        assert math.isclose(loss.item(), -math.log(expected), rel_tol=1e-5)
+
+
+def test_consistency_loss_gradient_pulls_towards_the_mask() -> None:
+    logits = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    class_map = torch.tensor([[[0, 1], [1, 1]]])
+    mask_consistency_loss(logits, class_map, [[0], [1]]).backward()
+    grad = logits.grad[0]
+    assert (grad[1][class_map[0] == 1] < 0).all(), "nucleus pixels: raising the nucleus logit lowers the loss"
+    assert (grad[0][class_map[0] == 0] < 0).all()
+
+
+def test_v3_recipe_warm_starts_from_v2_and_trains_with_the_segmenter_loss(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    segmenter = load_config(CONFIGS / "segmenter-he-nuclei-consistency.yaml")
+    segmenter["model"] = {"base_channels": 4, "depth": 2}
+    segmenter["train"].update(batch_size=2, num_threads=2, checkpoint_every=2, log_every=1)
+    get_trainer("segmenter")(segmenter, runs / "segmenter-he-nuclei-consistency", FIXTURE_DATA, steps=2).fit()
+
+    v2 = tiny_config("renderer-he-nuclei")
+    train_main(["--config", str(write_config(tmp_path, v2)), "--data-root", str(FIXTURE_DATA),
+                "--out", str(runs / "renderer-he-nuclei-v2")])
+
+    v3 = tiny_config("renderer-he-nuclei-v3")
+    v3_path = tmp_path / "v3" / "renderer-he-nuclei.yaml"
+    v3_path.parent.mkdir()
+    v3_path.write_text(yaml.safe_dump(v3, sort_keys=False))
+    out = runs / "renderer-he-nuclei-v3"
+    train_main(["--config", str(v3_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert {"event": "warm_started", "from": str(runs / "renderer-he-nuclei-v2" / "latest.pt")} in records
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["g_seg"]) for r in steps)
+
+    # resuming v3 continues v3 (its own checkpoint), it does not warm-start again
+    train_main(["--config", str(v3_path), "--data-root", str(FIXTURE_DATA), "--out", str(out), "--steps", "3"])
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert sum(1 for r in records if r.get("event") == "warm_started") == 1
+    assert {"event": "resumed", "step": 2} in records
+
+
+def test_warm_start_from_a_missing_run_names_it(tmp_path: Path) -> None:
+    config = tiny_config("renderer-he-nuclei")
+    config["train"]["init_from"] = "no-such-run"
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        train_main(["--config", str(write_config(tmp_path, config)), "--data-root", str(FIXTURE_DATA),
+                    "--out", str(tmp_path / "runs" / "x")])
+
+
+def test_consistency_segmenter_split_forces_held_back_groups_to_test() -> None:
+    from training.data.scoring_data import load_scheme_records, segmentation_scheme, split_per_dataset
+
+    records = load_scheme_records(FIXTURE_DATA, segmentation_scheme("he_nuclei"))
+    groups = sorted({r.group for r in records})
+    forced = groups[:1]
+    split = split_per_dataset(records, (1.0, 0.0, 0.0), 0, held_back=forced)
+    assert {r.group for r in split["test"]} == set(forced)
+    assert not {r.group for r in split["train"]} & set(forced)
