@@ -65,6 +65,7 @@ from typing import Any, Final
 import numpy as np
 
 from clients.client import ClientSample, HistosynthClient
+from services.core.extras import require_extra
 from services.core.png import encode_label_png
 from services.generation.spec import GenerationSpec
 
@@ -482,6 +483,22 @@ def engine_named(name: str) -> Engine:
         raise ValueError(f"unknown engine {name!r}; valid: {sorted(ENGINES)}") from None
 
 
+def require_augment_packages(uri: str, formats: Sequence[str], engine: str) -> None:
+    """Fail before any server starts when a package of the 'augment' extra that this run needs is missing.
+
+    fsspec writes every destination; pyarrow only Parquet, ray only ``--engine ray``, s3fs only s3:// URIs
+    (other fsspec protocols such as gs:// need their own package, which fsspec names itself).
+    """
+    modules = ["fsspec"]
+    if "parquet" in formats:
+        modules.append("pyarrow")
+    if engine == "ray":
+        modules.append("ray")
+    if uri.startswith(("s3://", "s3a://")):
+        modules.append("s3fs")
+    require_extra("augment", "histosynth augment", modules)
+
+
 def augment(
     client: HistosynthClient,
     spec: GenerationSpec,
@@ -501,6 +518,7 @@ def augment(
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; valid: {sorted(FORMATS)}")
     run = engine_named(engine)
+    require_augment_packages(uri, formats, engine)
     plan = ShardPlan(spec.count, shard_size)
     destination = Destination(uri, storage_options)
     _claim_destination(destination, spec, plan)
@@ -549,6 +567,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
         ShardPlan(spec.count, args.shard_size)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    require_augment_packages(args.out, formats, args.engine)  # before the embedded servers load models
     with _Embedded(args) as client:
         summary = augment(client, spec, args.out, shard_size=args.shard_size, formats=formats,
                           storage_options=storage_options, timeout=args.timeout, engine=args.engine,

@@ -6,6 +6,11 @@
     histosynth generate --spec spec.yaml --out DIR --target 127.0.0.1:50053   # a running server
     histosynth run-demo                          # `make run`: small balanced batches into ./output
     histosynth augment --spec spec.yaml --out s3://bucket/ds --shard-size 1000   # WebDataset/Parquet shards
+    histosynth models list | verify              # the model store: what it holds, sha256s checked
+
+The model store is --model-store, else HISTOSYNTH_MODEL_STORE, else ./model_store, else
+~/.local/share/histosynth/model_store (services.core.store_location); --spec takes a file or
+the name of a shipped example spec (glands-balanced, nuclei, ...: clients/specs/).
 
 `generate` without --target is embedded: it starts refinement, rendering and generation
 on free loopback ports inside this process, talks gRPC to them and shuts them down. It is
@@ -27,12 +32,14 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
 from clients.client import ClientSample, HistosynthClient, spec_from_dict, tls_credentials
-from services.core.config import ServerConfig
+from services.core.config import ConfigError, ServerConfig
+from services.core.extras import MissingExtraError
+from services.core.store_location import ModelStoreNotFoundError, locate_model_store
 from services.generation.sink import SampleWriter
 from services.generation.spec import MASK_GENERATOR_FOR_TISSUE, RENDERER_FOR_TISSUE, GenerationSpec
 
@@ -43,21 +50,34 @@ EMBEDDED_SERVICES = ("refinement", "rendering", "generation")
 
 # ----------------------------------------------------------------------- helpers
 def server_config(args: argparse.Namespace, **overrides: Any) -> ServerConfig:
-    """HISTOSYNTH_* environment settings, with command-line flags winning."""
-    values: dict[str, Any] = {}
-    if getattr(args, "model_store", None):
-        values["model_store"] = Path(args.model_store)
+    """HISTOSYNTH_* environment settings, with command-line flags winning; the model store must exist."""
+    values: dict[str, Any] = {"model_store": locate_model_store(getattr(args, "model_store", None))}
     if getattr(args, "host", None):
         values["host"] = args.host
     values.update(overrides)
     return ServerConfig.from_env(overrides=values)
 
 
+def shipped_spec(path: Path) -> Path | None:
+    """A shipped example spec that ``path`` names (``nuclei``, ``nuclei.yaml``, ``clients/specs/nuclei.yaml``).
+
+    The specs travel in the wheel, so an installed ``histosynth`` run from any directory finds the
+    README's examples even though the relative path ``clients/specs/...`` exists only in a checkout.
+    """
+    name = Path(path).name
+    candidate = SPECS_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    return candidate if candidate.is_file() else None
+
+
 def load_spec(path: Path, count: int | None) -> GenerationSpec:
+    path = Path(path)
+    if not path.is_file() and (shipped := shipped_spec(path)) is not None:
+        path = shipped
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise SystemExit(f"spec file not found: {path}") from None
+        shipped_names = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
+        raise SystemExit(f"spec file not found: {path} (shipped specs, usable by name: {shipped_names})") from None
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected a YAML mapping at the top level")
     try:
@@ -332,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve only this service (repeatable)")
     serve.add_argument("--port", type=int, help="base port (services take base, base+1, ...); default HISTOSYNTH_PORT")
     serve.add_argument("--host", help="bind address (default HISTOSYNTH_HOST = 127.0.0.1)")
-    serve.add_argument("--model-store", help="model repository root (default HISTOSYNTH_MODEL_STORE)")
+    serve.add_argument("--model-store", help="model repository root (default HISTOSYNTH_MODEL_STORE, ./model_store, "
+                                             "~/.local/share/histosynth/model_store)")
     serve.set_defaults(func=cmd_serve)
 
     generate = commands.add_parser("generate", help="generate samples from a spec into a directory (resumable)")
@@ -356,19 +377,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("run-demo", help="`make run`: small balanced batches with the shipped models")
     demo.add_argument("--out", default="output", help="output directory (default ./output)")
     demo.add_argument("--count", type=int, default=12, help="samples per example spec (default 12)")
-    demo.add_argument("--model-store", help="model repository root (default HISTOSYNTH_MODEL_STORE or model_store)")
+    demo.add_argument("--model-store", help="model repository root (default HISTOSYNTH_MODEL_STORE, ./model_store, "
+                                            "~/.local/share/histosynth/model_store)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_run_demo, target=None)
 
     from clients.augment import add_augment_parser  # here, not at the top: clients.augment imports this module
+    from clients.model_audit import add_models_parser
 
     add_augment_parser(commands)
+    add_models_parser(commands)
     return parser
+
+
+# Setup problems the user fixes with a flag, a variable or an install: one line, no traceback.
+USER_ERRORS: Final = (ModelStoreNotFoundError, MissingExtraError, ConfigError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        print(f"histosynth {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -98,8 +98,27 @@ def test_generate_embedded(store: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_run_demo_without_models_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
     assert main(["run-demo", "--model-store", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no renderer models found" in capsys.readouterr().err
+
+
+def test_missing_model_store_is_one_line_naming_flag_and_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run-demo", "--model-store", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "does not exist" in error
+    assert "--model-store" in error and "HISTOSYNTH_MODEL_STORE" in error and str(tmp_path / "absent") in error
+
+
+def test_spec_by_shipped_name(tmp_path: Path) -> None:
+    """An installed CLI finds the README's example specs by name from any directory."""
+    by_name = load_spec(Path("glands-balanced"), 3)
+    assert by_name == load_spec(Path("clients/specs/glands-balanced.yaml"), 3) == load_spec(
+        SPECS_DIR / "glands-balanced.yaml", 3)
+    with pytest.raises(SystemExit, match="shipped specs, usable by name: .*glands-balanced"):
+        load_spec(tmp_path / "nope.yaml", None)
 
 
 def test_run_demo_with_fixture_models(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

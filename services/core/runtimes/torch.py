@@ -46,7 +46,7 @@ class TorchRuntime:
         except ImportError as error:
             raise ModelLoadError(
                 f"{model_path}: format 'torchscript' needs torch, which is not installed "
-                "(install the 'train' extra, or export the model to ONNX)"
+                "(pip install 'histosynth[train]', or export the model to ONNX)"
             ) from error
         self._torch = torch
         self.inputs = tuple(inputs)
