@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from services.core.config import ServerConfig
+from services.core.config import DERIVED_HTTP_PORT, ServerConfig
 from services.core.grpc_server import RunningServer, start_server
 from services.core.model_store import ModelStore
 from services.diffusion.pipeline import DiffusionSettings, shared_pipeline
@@ -61,6 +61,14 @@ def available_services() -> tuple[str, ...]:
 
 def default_ports(base_port: int, services: Sequence[str]) -> dict[str, int]:
     return {name: (0 if base_port == 0 else base_port + PORT_OFFSETS[name]) for name in services}
+
+
+def http_port(config: ServerConfig, service: str) -> int | None:
+    """A service's KServe REST port: derived from its own gRPC port by default; an explicit
+    HISTOSYNTH_HTTP_PORT is the base, plus the service's offset, so the servers never share one."""
+    if config.http_port in (None, 0, DERIVED_HTTP_PORT):
+        return config.http_port
+    return config.http_port + PORT_OFFSETS[service]
 
 
 def create_stack(
@@ -157,7 +165,9 @@ async def start_all(
         for name in SERVICE_ORDER:
             if name not in services:
                 continue
-            server_config = dataclasses.replace(config, port=ports[name], metrics_port=metrics_port)
+            server_config = dataclasses.replace(
+                config, port=ports[name], metrics_port=metrics_port, http_port=http_port(config, name)
+            )
             metrics_port = None  # one /metrics endpoint for the whole process
             if name == "refinement":
                 assert refine_host is not None

@@ -10,6 +10,12 @@ kind, and the rendering service does for GAN renderers, so a field larger than t
 tile runs tile by tile with Render's raised-cosine blending instead of in one piece. Kinds
 without a runner run whole, or are refused with RESOURCE_EXHAUSTED naming the budget.
 
+Pipeline models (services.kserve_pipelines): a service may also pass catalogs of ``<model>-pipeline``
+models, which take uint8 masks and return uint8 images / masks through the domain pipelines (the same
+bytes as Render / Refine), with scalars (seed, steps, ...) as request parameters. They are listed,
+described and configured like the bare models. The REST binding (services.kserve_rest) transcodes
+HTTP/JSON onto this servicer, so both protocols share every rule and message.
+
 Served RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
 ModelConfig, ModelStatistics, RepositoryIndex. Others of the protocol answer UNIMPLEMENTED.
 ModelConfig and ModelStatistics answer in Triton's shapes (model_config.proto), which is what
@@ -29,6 +35,7 @@ subprocess.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
@@ -42,6 +49,8 @@ from services.core import metrics
 from services.core.errors import InvalidInputError, ModelNotFoundError
 from services.core.grpc_server import ServiceRegistration
 from services.core.runtimes.base import TensorSpec
+from services.kserve_pipelines import PLATFORM as PIPELINE_PLATFORM
+from services.kserve_pipelines import PipelineCatalog, PipelineModel
 from services.model_host import ModelHost, ServedModel
 from services.servicer_common import deadline_of
 from services.tensor_codec import DEFAULT_LIMITS, array_from_bytes, describe
@@ -217,17 +226,40 @@ def check_spatial_minimum(
 class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over one or more ModelHosts (a model name is looked up in each in turn)."""
 
-    def __init__(self, hosts: Sequence[ModelHost], runners: Mapping[str, TensorRunner] | None = None) -> None:
+    def __init__(
+        self,
+        hosts: Sequence[ModelHost],
+        runners: Mapping[str, TensorRunner] | None = None,
+        pipelines: Sequence[PipelineCatalog] = (),
+    ) -> None:
         """``runners``: model kind -> how ModelInfer runs that kind, when not as one call (the rendering
-        service tiles its GAN renderers as Render does); other kinds run whole, through memory admission."""
+        service tiles its GAN renderers as Render does); other kinds run whole, through memory admission.
+        ``pipelines``: catalogs of the service's pipeline models (uint8 mask in, uint8 out)."""
         if not hosts:
             raise ValueError("KServeV2Servicer needs at least one ModelHost")
         self.hosts = list(hosts)
         self.runners = dict(runners or {})
+        self.catalogs = list(pipelines)
 
     # ------------------------------------------------------------------ lookup
     def _all_names(self) -> list[str]:
-        return sorted({name for host in self.hosts for name in host.model_names()})
+        return sorted({name for host in self.hosts for name in host.model_names()} | set(self._pipelines()))
+
+    def known_models(self) -> list[str]:
+        """Every model name served here, bare and pipeline."""
+        return self._all_names()
+
+    def _pipelines(self) -> dict[str, PipelineModel]:
+        models: dict[str, PipelineModel] = {}
+        for catalog in self.catalogs:
+            models.update(catalog.pipelines())
+        return models
+
+    def _pipeline(self, name: str) -> PipelineModel | None:
+        """The pipeline model called ``name``; a bare model of that name wins (a store may hold one)."""
+        if any(name in host.model_names() for host in self.hosts):
+            return None
+        return self._pipelines().get(name)
 
     def _host_for(self, name: str) -> ModelHost:
         for host in self.hosts:
@@ -258,6 +290,9 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        pipeline = self._pipeline(request.name)
+        if pipeline is not None:
+            return pb.ModelReadyResponse(ready=pipeline.is_ready(request.version or None))
         try:
             host = self._host_for(request.name)
         except ModelNotFoundError:
@@ -274,6 +309,9 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        pipeline = self._pipeline(request.name)
+        if pipeline is not None:
+            return pipeline_metadata(pipeline)
         host = self._host_for(request.name)
         served = await self._served(request.name, request.version)
         manifest = served.manifest
@@ -288,15 +326,26 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
+        pipeline = self._pipeline(request.name)
+        if pipeline is not None:
+            served = await pipeline.host.get(pipeline.model, request.version or None)
+            return pb.ModelConfigResponse(config=pipeline_config(pipeline, served))
         served = await self._served(request.name, request.version)
         return pb.ModelConfigResponse(config=model_config(served))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
+        pipelines = self._pipelines()
+        if request.name and request.name not in pipelines:
             self._host_for(request.name)  # NOT_FOUND naming the hosted models when unknown
         response = pb.ModelStatisticsResponse()
+        for pipeline in pipelines.values():
+            for version in pipeline.versions():
+                if request.name not in ("", pipeline.name) or request.version not in ("", version):
+                    continue
+                if pipeline.is_ready(version):  # as for bare models: versions loaded in this process
+                    response.model_stats.append(model_statistics(pipeline.name, version))
         for host in self.hosts:
             for served in host.loaded():
                 manifest = served.manifest
@@ -324,12 +373,23 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                         state="READY" if ready else "UNAVAILABLE",
                         reason="" if ready else error or "not loaded; loads on first request",
                     )
+        for pipeline in self._pipelines().values():
+            for version in pipeline.versions():
+                ready = pipeline.is_ready(version)
+                if not request.ready or ready:
+                    response.models.add(
+                        name=pipeline.name, version=version, state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else f"model {pipeline.model}/{version} loads on first request",
+                    )
         return response
 
     # ------------------------------------------------------------------- infer
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        pipeline = self._pipeline(request.model_name)
+        if pipeline is not None:
+            return await infer_pipeline(pipeline, request, deadline_of(context))
         served = await self._served(request.model_name, request.model_version)
         manifest = served.manifest
         feeds = self._decode_inputs(request, manifest.inputs, manifest.key)
@@ -374,6 +434,92 @@ class KServeV2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         for position, tensor in enumerate(request.inputs):
             feeds[tensor.name] = decode_input(tensor, raw[position] if raw else None, by_name[tensor.name])
         return feeds
+
+
+def pipeline_metadata(pipeline: PipelineModel) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=pipeline.name, versions=pipeline.versions(), platform=PIPELINE_PLATFORM,
+        inputs=[tensor(name=spec.name, datatype=spec.datatype, shape=list(spec.shape)) for spec in pipeline.inputs],
+        outputs=[tensor(name=spec.name, datatype=spec.datatype, shape=list(spec.shape)) for spec in pipeline.outputs],
+    )
+
+
+def pipeline_config(pipeline: PipelineModel, served: ServedModel) -> config_pb.ModelConfig:
+    """A pipeline model's configuration in Triton's shape: batch axis implicit, parameters listed."""
+    config = config_pb.ModelConfig(
+        name=pipeline.name, platform=PIPELINE_PLATFORM, backend="histosynth", max_batch_size=served.max_batch_size,
+        model_transaction_policy=config_pb.ModelTransactionPolicy(decoupled=False),
+    )
+    for spec in pipeline.inputs:
+        config.input.add(name=spec.name, data_type=config_pb.DataType.Value(f"TYPE_{spec.datatype}"),
+                         dims=list(spec.shape[1:]), optional=spec.optional)
+    for spec in pipeline.outputs:
+        config.output.add(name=spec.name, data_type=config_pb.DataType.Value(f"TYPE_{spec.datatype}"),
+                          dims=list(spec.shape[1:]))
+    manifest = served.manifest
+    parameters = {
+        "histosynth_kind": "pipeline",
+        "histosynth_model": manifest.name,
+        "histosynth_version": manifest.version,
+        "histosynth_sha256": manifest.sha256,
+        "histosynth_parameters": pipeline.describe_parameters(),
+        "histosynth_inputs": pipeline.describe_inputs(),
+    }
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def parameter_value(name: str, parameter: pb.InferParameter) -> object:
+    choice = parameter.WhichOneof("parameter_choice")
+    if choice is None:
+        raise InvalidInputError(f"parameter {name[:100]!r} has no value; set one of bool/int64/double/string")
+    return getattr(parameter, choice)
+
+
+async def infer_pipeline(
+    pipeline: PipelineModel, request: pb.ModelInferRequest, deadline: float | None
+) -> pb.ModelInferResponse:
+    """ModelInfer on a pipeline model: checks, decodes, runs the domain pipeline, returns its uint8 outputs."""
+    given = {tensor.name: (tensor.datatype, [int(dim) for dim in tensor.shape]) for tensor in request.inputs}
+    if len(given) != len(request.inputs):
+        raise InvalidInputError(f"model {pipeline.name}: an input is sent twice; send each once")
+    pipeline.check_inputs(given)
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send one per input, in the order of inputs"
+        )
+    parameters = pipeline.parse_parameters(
+        {name: parameter_value(name, value) for name, value in request.parameters.items()}
+    )
+    requested = [output.name for output in request.outputs]
+    pipeline.check_outputs(requested, parameters)
+    inputs = {}
+    for position, tensor in enumerate(request.inputs):
+        name, dtype = f"input {tensor.name!r}", V2_DTYPES[tensor.datatype]
+        data = raw[position] if raw else contents_to_bytes(tensor, dtype, name)
+        inputs[tensor.name] = array_from_bytes(name, dtype, given[tensor.name][1], data, dtype_label=tensor.datatype)
+    version = request.model_version or pipeline.versions()[-1]
+    stats = metrics.inference_stats(pipeline.name, version)
+    started = time.perf_counter()
+    try:
+        result = await pipeline.run(request.model_version, inputs, parameters, deadline)
+    except BaseException:
+        stats.failure()
+        raise
+    stats.success(time.perf_counter() - started)
+    declared = {spec.name: spec for spec in pipeline.outputs}
+    response = pb.ModelInferResponse(model_name=pipeline.name, model_version=result.ref.version, id=request.id)
+    response.parameters["histosynth_model"].string_param = f"{result.ref.name}/{result.ref.version}"
+    response.parameters["histosynth_sha256"].string_param = result.ref.sha256
+    for name in requested or list(result.outputs):
+        array = np.ascontiguousarray(result.outputs[name], dtype=V2_DTYPES[declared[name].datatype])
+        response.outputs.add(name=name, datatype=declared[name].datatype, shape=list(array.shape))
+        response.raw_output_contents.append(array.tobytes())
+    return response
 
 
 def model_config(served: ServedModel) -> config_pb.ModelConfig:
@@ -446,4 +592,8 @@ def model_statistics(name: str, version: str) -> pb.ModelStatistics:
 
 
 def kserve_registration(servicer: KServeV2Servicer) -> ServiceRegistration:
-    return ServiceRegistration(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
+    """The gRPC service and its REST binding (served on HISTOSYNTH_HTTP_PORT) over one servicer."""
+    from services.kserve_rest import KServeRestBinding  # it transcodes onto this module: imported late (cycle)
+
+    return ServiceRegistration(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME,
+                               http=KServeRestBinding(servicer).add_routes)

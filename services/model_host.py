@@ -246,6 +246,10 @@ class ModelHost:
         self._hosted = names
         return list(names)
 
+    def latest_manifest(self, name: str) -> ModelManifest:
+        """The latest version's manifest of a model in the store (what it is, before it is loaded)."""
+        return self._latest_manifest(name)
+
     def _latest_manifest(self, name: str) -> ModelManifest:
         """The latest version's manifest, parsed but not checksummed (that happens at load)."""
         latest = self.store.versions(name)[-1]

@@ -67,6 +67,21 @@ def derived_metrics_port(grpc_port: int) -> int:
     return grpc_port - offset if grpc_port > offset else grpc_port + 10000
 
 
+DERIVED_HTTP_PORT = -1  # http_port's default: derive it from the gRPC port
+HTTP_PORT_BASE = 8000  # the KServe v2 REST port of the default gRPC port 50051 (Triton's HTTP port)
+
+
+def derived_http_port(grpc_port: int) -> int:
+    """50051 -> 8000 and so on upwards (as the metrics port is derived); 0 (a free gRPC port) -> 0.
+
+    gRPC ports whose offset port would fall below 1024 (privileged) map to gRPC port + 20000 instead
+    (+ 20000, not the metrics port's + 10000, so the two derived ports of one server never meet)."""
+    if grpc_port == 0:
+        return 0
+    port = grpc_port - (DEFAULT_GRPC_PORT - HTTP_PORT_BASE)
+    return port if port >= 1024 else grpc_port + 20000
+
+
 def _devices(value: tuple[str, ...]) -> str | None:
     if not value:
         return "needs at least one device"
@@ -150,7 +165,7 @@ class ServerConfig:
     )
     host: str = setting(
         "127.0.0.1",
-        "Address the gRPC and metrics servers bind to. Loopback by default: exposing the "
+        "Address the gRPC, KServe REST and metrics servers bind to. Loopback by default: exposing the "
         "service (e.g. 0.0.0.0 in a container) must be a deliberate setting.",
         _non_empty,
     )
@@ -161,6 +176,15 @@ class ServerConfig:
         "it from HISTOSYNTH_PORT / --port: gRPC port - 40587 (50051 -> 9464, 50052 -> 9465, ...; gRPC ports "
         "below 40588: + 10000), so servers started on different gRPC ports never fight over one metrics port.",
         lambda value: None if value == DERIVED_METRICS_PORT else _port(value),
+    )
+    http_port: int | None = setting(
+        -1,
+        "KServe v2 REST (HTTP/JSON + binary tensors) port of a server that speaks KServe v2 (refinement, "
+        "rendering), served by the same process and event loop as gRPC, with the same TLS and token; 0 picks "
+        "a free port, 'off' disables it. -1 (default) derives it from HISTOSYNTH_PORT / --port: gRPC port - "
+        "42051 (50051 -> 8000, 50052 -> 8001, ...; where that is below 1024: gRPC port + 20000). `serve --all` "
+        "with an explicit port adds each service's port offset to it.",
+        lambda value: None if value == DERIVED_HTTP_PORT else _port(value),
     )
     max_message_bytes: int = setting(
         64 * 1024 * 1024,
@@ -305,6 +329,13 @@ class ServerConfig:
         if self.metrics_port != DERIVED_METRICS_PORT:
             return self.metrics_port
         return derived_metrics_port(self.port)
+
+    @property
+    def resolved_http_port(self) -> int | None:
+        """The KServe v2 REST port to bind: the explicit setting, or the one derived from ``port`` (see http_port)."""
+        if self.http_port != DERIVED_HTTP_PORT:
+            return self.http_port
+        return derived_http_port(self.port)
 
     @property
     def tls_enabled(self) -> bool:

@@ -45,7 +45,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.core import metrics, security
+from services.core import http_server, metrics, security
 from services.core.config import ServerConfig
 from services.core.errors import HistosynthError, InvalidInputError
 from services.core.logging import configure_logging
@@ -59,6 +59,8 @@ INFRASTRUCTURE_SERVICES: Final = frozenset({HEALTH_SERVICE_NAME, REFLECTION_SERV
 # After the last handler returns, how long gRPC may take to send the remaining replies before stop().
 RESPONSE_FLUSH_GRACE_S: Final = 1.0
 DRAINING_MESSAGE: Final = "server is shutting down and accepts no new calls; retry on another replica"
+# REST health paths: open without a token (like grpc.health for probes); liveness also answers while draining.
+HTTP_HEALTH_PATHS: Final = ("/v2/health/live", "/v2/health/ready")
 # Status details are bounded: a message that echoes a huge input must not itself fail the reply.
 MAX_STATUS_DETAILS_CHARS: Final = 2000
 
@@ -70,12 +72,14 @@ class ServiceRegistration(NamedTuple):
 
     ``add_to_server`` is the generated ``add_<Name>Servicer_to_server`` (or any callable
     ``(servicer, server)`` that adds handlers); ``service_name`` is the full proto name,
-    e.g. ``histosynth.v1.MaskRendering``, used for health and reflection.
+    e.g. ``histosynth.v1.MaskRendering``, used for health and reflection. ``http``: routes of the
+    service's REST binding (KServe v2), served on the HTTP companion port (HISTOSYNTH_HTTP_PORT).
     """
 
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     service_name: str
+    http: http_server.HttpRoutes | None = None
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -342,6 +346,7 @@ class RunningServer:
         state: _DrainState,
         metrics_server: metrics.MetricsHttpServer | None,
         default_grace_s: float,
+        http: http_server.RunningHttpServer | None = None,
         shutdown_hooks: Sequence[ShutdownHook] = (),
         *,
         tls_enabled: bool = False,
@@ -355,6 +360,7 @@ class RunningServer:
         self.service_names = service_names
         self.health = health_servicer
         self.metrics_server = metrics_server
+        self.http = http
         self.default_grace_s = default_grace_s
         self._state = state
         self._shutdown_hooks = list(shutdown_hooks)
@@ -369,6 +375,11 @@ class RunningServer:
     @property
     def metrics_port(self) -> int | None:
         return None if self.metrics_server is None else self.metrics_server.port
+
+    @property
+    def http_port(self) -> int | None:
+        """The KServe v2 REST port (None when no service here has a REST binding, or it is off)."""
+        return None if self.http is None else self.http.port
 
     @property
     def draining(self) -> bool:
@@ -431,6 +442,8 @@ class RunningServer:
         remaining = max(0.0, grace - (time.perf_counter() - started))
         flush = 0.0 if self._state.forced.is_set() else min(RESPONSE_FLUSH_GRACE_S, remaining)
         await self.server.stop(flush)
+        if self.http is not None:  # its calls were counted in flight above, so none is cut off here
+            await self.http.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         for hook in self._shutdown_hooks:
@@ -459,7 +472,8 @@ async def start_server(
     """Build, bind and start the server; returns once it accepts calls.
 
     Binds ``config.host:config.port`` (port 0 picks a free one, see ``RunningServer.port``)
-    and starts the metrics endpoint unless ``config.metrics_port`` is None.
+    and starts the metrics endpoint unless ``config.metrics_port`` is None, and the REST companion
+    (services.core.http_server) when a registration has ``http`` routes and HISTOSYNTH_HTTP_PORT is not off.
     """
     registrations = [ServiceRegistration(*registration) for registration in registrations]
     names = [registration.service_name for registration in registrations]
@@ -524,12 +538,28 @@ async def start_server(
         except BaseException:
             await server.stop(None)
             raise
+    http = None
+    routes = [registration.http for registration in registrations if registration.http is not None]
+    http_port = config.resolved_http_port  # derived from config.port unless set
+    if routes and http_port is not None:
+        try:
+            http = await http_server.start_http_server(
+                routes, config.host, http_port, gate=state, max_body_bytes=config.max_message_bytes, token=token,
+                tls=None if tls is None else http_server.ssl_context(tls, str(config.tls_cert), str(config.tls_key)),
+                open_paths=HTTP_HEALTH_PATHS, drain_open_paths=HTTP_HEALTH_PATHS[:1],
+            )
+        except BaseException:
+            if metrics_server is not None:
+                metrics_server.close()
+            await server.stop(None)
+            raise
     _log.info(
         "gRPC server listening",
         extra={
             "address": _host_port(config.host, port),
             "services": names,
             "metrics_port": None if metrics_server is None else metrics_server.port,
+            "http_port": None if http is None else http.port,
             "tls": "off" if tls is None else ("mutual" if tls.client_ca is not None else "server"),
             "client_cert_required": tls is not None and tls.require_client_cert,
             "auth": "bearer-token" if token is not None else "off",
@@ -544,6 +574,7 @@ async def start_server(
         state=state,
         metrics_server=metrics_server,
         default_grace_s=config.drain_grace_s,
+        http=http,
         shutdown_hooks=shutdown_hooks,
         tls_enabled=tls is not None,
         auth_enabled=token is not None,

@@ -15,6 +15,7 @@ from services.core.config import ServerConfig
 from services.core.grpc_server import RunningServer, ServiceRegistration
 from services.core.model_store import ModelStore
 from services.kserve_v2 import KServeV2Servicer, kserve_registration
+from services.mask_refinement.kserve_models import RefinementCatalog
 from services.mask_refinement.pipeline import RefinementPipeline
 from services.model_host import ModelHost
 from services import servicer_common
@@ -80,7 +81,8 @@ def registrations(host: ModelHost) -> list[ServiceRegistration]:
             MaskRefinementServicer(pipeline),
             SERVICE_NAME,
         ),
-        kserve_registration(KServeV2Servicer([host])),
+        # <refiner>-pipeline models take uint8 coarse masks and return Refine's uint8 fine masks.
+        kserve_registration(KServeV2Servicer([host], pipelines=[RefinementCatalog(pipeline)])),
     ]
 
 

@@ -23,6 +23,7 @@ from services.kserve_v2 import KServeV2Servicer, kserve_registration
 from services.diffusion.pipeline import DiffusionSettings, shared_pipeline
 from services.diffusion.spec import ROLE_IMAGE_RENDERER, ROLE_MASK_GENERATOR
 from services.core.png import encode_png
+from services.mask_rendering.kserve_models import RenderingCatalog
 from services.mask_rendering.pipeline import RenderingPipeline
 from services.model_host import ModelHost
 from services import servicer_common
@@ -190,7 +191,11 @@ def registrations(
             SERVICE_NAME,
         ),
         # ModelInfer on a GAN renderer is tiled like Render (same tile plan, blending and admission).
-        kserve_registration(KServeV2Servicer([host], runners={"renderer": pipeline.infer_tensor})),
+        # ModelInfer on a GAN renderer is tiled like Render (same tile plan, blending and admission);
+        # <renderer>-pipeline models take uint8 class masks and return Render's uint8 RGB.
+        kserve_registration(KServeV2Servicer(
+            [host], runners={"renderer": pipeline.infer_tensor}, pipelines=[RenderingCatalog(pipeline)],
+        )),
     ]
 
 
