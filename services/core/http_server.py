@@ -165,9 +165,9 @@ async def start_http_server(
     )
     for add_routes in routes:
         add_routes(app)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls, shutdown_timeout=SHUTDOWN_TIMEOUT_S, reuse_port=False)
+    site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_port=False)
     try:
         await site.start()
     except OSError as error:

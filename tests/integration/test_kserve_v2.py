@@ -66,9 +66,11 @@ async def test_tritonclient_against_refinement_server(
     assert seen["live"] and seen["ready"]
     assert seen["server"]["name"] == "histosynth"
     states = {(model["name"], model["version"]): model["state"] for model in seen["index"]}
-    # Latest versions load at start-up; older ones on first use (UNAVAILABLE until then).
-    assert set(states) == {(REFINER_NAME, "1"), (REFINER_NAME, "2")}
-    assert states[(REFINER_NAME, "2")] == "READY"
+    # Latest versions load at start-up; older ones on first use (UNAVAILABLE until then). Each refiner
+    # version is also served as a pipeline model (uint8 masks in and out, tests/integration/test_kserve_pipelines.py).
+    pipeline = f"{REFINER_NAME}-pipeline"
+    assert set(states) == {(REFINER_NAME, "1"), (REFINER_NAME, "2"), (pipeline, "1"), (pipeline, "2")}
+    assert states[(REFINER_NAME, "2")] == "READY" and states[(pipeline, "2")] == "READY"
     assert seen["model_ready"] and not seen["unknown_model_ready"]
     metadata = seen["metadata"]
     assert metadata["name"] == REFINER_NAME and metadata["versions"] == ["1", "2"]
@@ -84,7 +86,7 @@ async def test_tritonclient_against_refinement_server(
     assert "input 'coarse': expected FP32 [-1, 1, -1, -1], got UINT8 [2, 1, 16, 16]" in seen["wrong_datatype"]["message"]
     assert seen["wrong_rank"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert seen["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
-    assert "available: ['mask-refiner']" in seen["unknown_model"]["message"]
+    assert "available: ['mask-refiner', 'mask-refiner-pipeline']" in seen["unknown_model"]["message"]
     assert seen["unknown_metadata"]["status"] == "StatusCode.NOT_FOUND"
     assert seen["unimplemented"]["status"] == "StatusCode.UNIMPLEMENTED"
     assert seen["infer_after_errors_equal"]
@@ -113,7 +115,8 @@ async def test_tritonclient_against_rendering_server(
 ) -> None:
     label = np.random.default_rng(1).random((1, renderer_channels(), 16, 16)).astype(np.float32)
     seen = await run_probe(rendering_server, RENDERER_NAME, label, tmp_path)
-    assert [(m["name"], m["version"], m["state"]) for m in seen["index"]] == [(RENDERER_NAME, "1", "READY")]
+    assert [(m["name"], m["version"], m["state"]) for m in seen["index"]] == [
+        (RENDERER_NAME, "1", "READY"), (f"{RENDERER_NAME}-pipeline", "1", "READY")]
     np.testing.assert_array_equal(seen["output_array"], reference(module_store, RENDERER_NAME, "1", {"label": label}))
 
 
@@ -146,7 +149,9 @@ async def test_pinned_old_version_loads_on_first_use(refinement_server: LiveServ
     ready = await stub.ModelReady(pb.ModelReadyRequest(name=REFINER_NAME, version="1"), timeout=10)
     assert ready.ready
     index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10)
-    assert {(model.name, model.version) for model in index.models} == {(REFINER_NAME, "1"), (REFINER_NAME, "2")}
+    pipeline = f"{REFINER_NAME}-pipeline"
+    assert {(model.name, model.version) for model in index.models} == {
+        (REFINER_NAME, "1"), (REFINER_NAME, "2"), (pipeline, "1"), (pipeline, "2")}
 
 
 @pytest.mark.parametrize(

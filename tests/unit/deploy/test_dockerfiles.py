@@ -178,10 +178,11 @@ def test_exposed_ports_and_env_match_the_server_defaults(path: Path) -> None:
     defaults = ServerConfig()
     final = load(path).final
     exposed = {int(port.split("/")[0]) for item in final.all("EXPOSE") for port in item.arguments.split()}
-    assert exposed == {defaults.port, defaults.resolved_metrics_port}
+    assert exposed == {defaults.port, defaults.resolved_metrics_port, defaults.resolved_http_port}
     env = env_pairs(final)
     assert env["HISTOSYNTH_PORT"] == str(defaults.port)
     assert env["HISTOSYNTH_METRICS_PORT"] == str(defaults.resolved_metrics_port)
+    assert env["HISTOSYNTH_HTTP_PORT"] == str(defaults.resolved_http_port)
     # Loopback is the default on purpose; a container must opt in to every interface ...
     assert env["HISTOSYNTH_HOST"] == "0.0.0.0"
     # ... but never to serving it unprotected: the run chooses a token, TLS or the insecure opt-in.
