@@ -234,7 +234,10 @@ class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"model store root {self.root} is not a directory")
+            raise FileNotFoundError(
+                f"model store root {self.root} is not a directory: set HISTOSYNTH_MODEL_STORE "
+                "(the histosynth CLI also takes --model-store; services/core/store_location.py)"
+            )
         self._hash_cache: dict[tuple[Path, int, int], str] = {}
         self._lock = threading.Lock()
 
