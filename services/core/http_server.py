@@ -103,9 +103,10 @@ def _middlewares(
     async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if checker is not None and path not in open_paths:
-            problem = checker.accepts([("authorization", request.headers.get("Authorization", ""))])
-            if problem is not None:
-                return error_response(401, problem.replace("call metadata", "HTTP header"))
+            header = request.headers.get("Authorization")
+            problem = checker.accepts([] if header is None else [("authorization", header)])
+            if problem is not None:  # the gRPC wording, told in HTTP terms
+                return error_response(401, problem.replace("call metadata", "HTTP header").replace("' metadata", "' header"))
         if gate.draining and path not in drain_open_paths:
             return error_response(503, DRAINING_MESSAGE)
         if request.content_length is not None and request.content_length > max_body:
