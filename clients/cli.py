@@ -329,6 +329,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_ports = [s.metrics_port for s in running.servers.values() if s.metrics_port is not None]
         if metrics_ports:
             print(f"metrics: http://{config.host}:{metrics_ports[0]}/metrics", flush=True)
+        scheme = "https" if config.tls_cert is not None else "http"
+        for name, server in running.servers.items():
+            if server.http_port is not None:  # services speaking KServe v2 also answer it over REST
+                print(f"{name} KServe v2 REST: {scheme}://{config.host}:{server.http_port}/v2", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

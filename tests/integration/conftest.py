@@ -41,6 +41,7 @@ def server_config(store: Path, **overrides: object) -> ServerConfig:
         host="127.0.0.1",
         port=0,
         metrics_port=None,
+        http_port=0,  # a free port: one derived from an explicit gRPC port could be taken on a shared machine
         max_queue_delay_ms=2.0,
         max_message_bytes=8 * 1024 * 1024,
         drain_grace_s=1.0,
