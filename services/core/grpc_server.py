@@ -22,6 +22,10 @@ non-loopback bind with neither is refused unless HISTOSYNTH_ALLOW_INSECURE_BIND=
 The metrics endpoint stays plaintext HTTP without auth (Prometheus convention; it
 exposes counters only): keep it on a port only the scraper can reach.
 
+A registration with ``http`` routes (KServe v2's REST binding) also gets an HTTP companion on
+HISTOSYNTH_HTTP_PORT (services.core.http_server): same loop, same TLS and token, and its calls
+count in the drain like gRPC calls.
+
 Usage from a service's ``__main__``::
 
     config = ServerConfig.from_env()
