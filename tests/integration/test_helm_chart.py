@@ -179,7 +179,10 @@ def test_default_values_render_one_hardened_deployment_per_service(helm: str) ->
         pod = deployment["spec"]["template"]["spec"]
         container = _container(deployment)
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        assert ports == {"grpc": defaults.port, "metrics": defaults.resolved_metrics_port}
+        expected = {"grpc": defaults.port, "metrics": defaults.resolved_metrics_port}
+        if name != "generation":  # KServe v2 REST only where models are hosted
+            expected["http"] = defaults.resolved_http_port
+        assert ports == expected
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"] == {"port": defaults.port}, probe
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -205,6 +208,7 @@ def test_default_values_render_one_hardened_deployment_per_service(helm: str) ->
         config = _server_settings(config_maps[_component(name)])
         assert config.host == "0.0.0.0"
         assert (config.port, config.metrics_port) == (defaults.port, defaults.resolved_metrics_port)
+        assert config.resolved_http_port == (None if name == "generation" else defaults.resolved_http_port)
         if name == "generation":
             # Composed over the wire: no model store, no model volume, peers named by their Services.
             assert "HISTOSYNTH_MODEL_STORE" not in config_maps[_component(name)]["data"]

@@ -83,6 +83,11 @@ remoteModels (the default) calls the other Services over gRPC and loads none. Ca
 HISTOSYNTH_HOST: "0.0.0.0"
 HISTOSYNTH_PORT: {{ .root.Values.ports.grpc | quote }}
 HISTOSYNTH_METRICS_PORT: {{ .root.Values.ports.metrics | quote }}
+{{- if include "histosynth.hostsModels" . }}
+HISTOSYNTH_HTTP_PORT: {{ .root.Values.ports.http | quote }}
+{{- else }}
+HISTOSYNTH_HTTP_PORT: "off"
+{{- end }}
 {{- if not (include "histosynth.hostsModels" .) }}
 {{- $services := .root.Values.services }}
 HISTOSYNTH_GENERATION_RENDERING_ADDRESS: {{ include "histosynth.peerAddress" (dict "root" .root "peer" "mask_rendering") | quote }}
