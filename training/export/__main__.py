@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.data.benchmark_split import held_back_groups
 from training.export.onnx_export import ModelCard, export_to_model_store, git_commit, hardware_string, png_bytes
 from training.train import load_config
 from training.trainers import get_trainer
@@ -61,6 +62,15 @@ def test_split_samples(trainer, n: int = 6) -> bytes | None:
     return png_bytes(make_grid(rows))
 
 
+def split_record(data: dict, seed: int, groups: dict) -> dict:
+    """The manifest's split: fractions per dataset (a source may override them), the groups each source held back
+    (the downstream benchmark's tiles, forced to test before the draw) and the resulting groups per split."""
+    fractions = {s["dataset"]: s.get("split_fractions", data["split_fractions"]) for s in data.get("sources", [])}
+    held_back = {s["dataset"]: list(held_back_groups(s)) for s in data.get("sources", []) if held_back_groups(s)}
+    return {"fractions": fractions or data["split_fractions"], "seed": data.get("split_seed", seed),
+            "unit": "patient where recorded, else source tile", "held_back": held_back, "groups": groups}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, type=Path)
@@ -102,8 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
         "config": config,
         "seed": int(config.get("seed", 0)),
         "data": list(datasets),
-        "split": {"fractions": data["split_fractions"], "seed": data.get("split_seed", config.get("seed", 0)),
-                  "unit": "patient where recorded, else source tile", "groups": payload.get("splits", {})},
+        "split": split_record(data, int(config.get("seed", 0)), payload.get("splits", {})),
         "steps": int(payload["step"]),
         "weights": "EMA of the generator weights" if weights == "generator_ema" else "generator weights",
         "train_seconds": round(float(payload["train_seconds"]), 1),
