@@ -52,6 +52,7 @@ from services.model_host import HostSettings, ModelHost
 from services.scoring import distances, mask_stats
 from services.scoring.consistency import ConsistencyScorer
 from services.scoring.pipeline import ScoringPipeline
+from training.data.benchmark_split import held_back_groups
 from training.data.shared_layout import Record, Sample, load_records, load_sample, split_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +151,11 @@ def held_back(manifest: ModelManifest, data_root: Path) -> HeldBack:
                    {int(k): int(v) for k, v in (s.get("class_remap") or {}).items()})
             for s in data["sources"]
         )
+        # As the trainer splits (pix2pixhd_trainer): a source's own fractions and its forced held-back groups.
         per_source = tuple(
-            tuple(split_records(load_records(data_root, s.dataset), fractions, split_seed)["test"]) for s in sources
+            tuple(split_records(load_records(data_root, s.dataset), tuple(float(f) for f in raw.get(
+                "split_fractions", fractions)), split_seed, held_back=held_back_groups(raw))["test"])
+            for s, raw in zip(sources, data["sources"], strict=True)
         )
     else:  # pix2pix refiner: all datasets pooled, then split
         sources = (Source("+".join(data["datasets"]), "mask"),)

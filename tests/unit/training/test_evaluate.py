@@ -118,6 +118,18 @@ def test_recorded_split_mismatch_is_an_error(store: Path) -> None:
         evaluate.held_back(ModelStore(store).get(RENDERER_NAME), FIXTURE_DATA)
 
 
+def test_held_back_split_follows_each_sources_fractions_and_benchmark_groups(store: Path) -> None:
+    # renderer-he-nuclei v2's recipe: per-source fractions with no test share, benchmark tiles forced out of training.
+    data = {**RENDERER_DATA, "sources": [
+        {"dataset": "monuseg", "held_back": "benchmark", "split_fractions": [0.9, 0.1, 0.0]},
+        {"dataset": "consep", "class_remap": {"2": 1, "3": 1, "4": 2}, "held_back": ["consep:does-not-exist"],
+         "split_fractions": [0.9, 0.1, 0.0]}]}
+    _set_provenance(store, RENDERER_NAME, data, ["monuseg:TCGA-NH-A8F7"])
+    held = evaluate.held_back(ModelStore(store).get(RENDERER_NAME), FIXTURE_DATA)
+    assert held.groups == ["monuseg:TCGA-NH-A8F7"]  # the fixture's only benchmark patient; consep has no test tile
+    assert held.records[1] == ()
+
+
 def test_scores_section_replaces_only_its_section() -> None:
     card = evaluate.replace_scores_section(OLD_CARD, "## Scores\n\nnew\n")
     assert card == "# card\n\nintro\n\n## Scores\n\nnew\n\n## Limitations\n\nkept as is\n"
