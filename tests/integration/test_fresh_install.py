@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -223,16 +224,23 @@ def test_models_verify_passes_on_the_shipped_store(install: Install) -> None:
 
 
 @pytest.fixture
-def served(install: Install) -> Iterator[dict[str, str]]:
-    """`histosynth serve --all` from outside the checkout; yields service -> address once it printed them."""
-    process = subprocess.Popen(
-        [str(install.histosynth), "serve", "--all", "--port", "0", "--model-store", str(MODEL_STORE)],
-        cwd=install.outside, env=install.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def served(install: Install, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`histosynth serve --all` from outside the checkout; yields service -> address once it printed them.
+
+    The server's log goes to a file, not a pipe: an undrained pipe fills up and blocks the server.
+    """
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(install.histosynth), "serve", "--all", "--port", "0", "--model-store", str(MODEL_STORE)],
+            cwd=install.outside, env=install.env, stdout=subprocess.PIPE, stderr=log, text=True,
+        )
     try:
-        yield _read_addresses(process)
+        addresses = _read_addresses(process)
+        assert set(addresses) == SERVE_ALL, f"serve did not come up: {addresses}\n{log_path.read_text()[-3000:]}"
+        yield addresses
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
@@ -240,28 +248,28 @@ def served(install: Install) -> Iterator[dict[str, str]]:
 
 
 def _read_addresses(process: subprocess.Popen[str]) -> dict[str, str]:
-    """The 'name: host:port' lines serve prints once every service is up (then 'metrics: ...')."""
-    assert process.stdout is not None and process.stderr is not None
+    """The 'name: host:port' lines serve prints once every service is up (then 'metrics: ...' and more).
+
+    A reader thread does the blocking readline: select() on a buffered text pipe misses lines that the
+    first read already pulled into the buffer. The thread ends when the process closes stdout.
+    """
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = process.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
     addresses: dict[str, str] = {}
     deadline = time.monotonic() + SERVE_TIMEOUT_S
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not selector.select(timeout=1.0):
-                if process.poll() is not None:
-                    break
-                continue
-            line = process.stdout.readline()
-            if not line:
+    while len(addresses) < len(SERVE_ALL) and process.poll() is None:
+        try:
+            line = lines.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        except queue.Empty:
+            if time.monotonic() >= deadline:
                 break
-            name, _, value = line.strip().partition(": ")
-            if name == "metrics":
-                break
+            continue
+        name, _, value = line.strip().partition(": ")
+        if name in SERVE_ALL:
             addresses[name] = value
-            if len(addresses) == len(SERVE_ALL):
-                return addresses
-    process.kill()
-    raise AssertionError(f"serve did not come up: {addresses}\n{process.stderr.read()[-3000:]}")
+    return addresses
 
 
 def test_serve_all_renders_from_outside_the_checkout(install: Install, served: dict[str, str]) -> None:
