@@ -19,6 +19,14 @@ Does adding rendered crops to a small real training set help a nuclei segmenter 
     rgb2hed stain Wasserstein distances.
 Runs are cached under --runs-dir (a finished run leaves result.json), so re-running after a new renderer
 version only trains the new arms; arm A is shared by every renderer version.
+
+Precision variants (``--precision-variants openvino-bf16``): the same masks, with the same render seeds, rendered
+by the same model version through the same Render service running on another engine/precision
+(HISTOSYNTH_RUNTIME / HISTOSYNTH_PRECISION for this model; a reduced precision loads only with a passing
+precision check). A variant is labelled ``<version>-<variant>`` (renders ``monuseg-seed0-v2-openvino-bf16.npz``,
+runs ``monuseg-k16-seed0-B-v2-openvino-bf16``), so nothing cached for fp32 is touched, and its arms are also
+paired by seed with the same arms at fp32 (``vs_fp32`` in the summary): the check that a reduced precision
+leaves the downstream numbers unchanged (scripts/precision_quality.py records it in precision_checks.yaml).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: the host has 2 cores
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -63,6 +72,27 @@ ARM_NAMES = {"A": "A: k real", "B": "B: k real + 4k synthetic", "C": "C: 4k synt
 METRICS = ("pixel_dice", "object_f1", "aji")
 DEFAULT_RUNS = Path.home() / ".cache" / "histosynth" / "runs" / "experiments" / NAME
 RENDER_BATCH = 8
+# --precision-variants: name -> (engine, precision) the Render service serves the renderer with.
+PRECISION_VARIANTS: dict[str, tuple[str, str]] = {"openvino-bf16": ("openvino", "bf16")}
+
+
+def renderer_label(version: str, variant: str | None = None) -> str:
+    """The key a renderer version (at fp32 on ONNX Runtime) or one of its precision variants is cached under."""
+    return f"{version}-{variant}" if variant else str(version)
+
+
+def parse_label(label: str) -> tuple[str, str | None]:
+    """``"2-openvino-bf16"`` -> ("2", "openvino-bf16"); ``"2"`` -> ("2", None)."""
+    version, _, variant = str(label).partition("-")
+    if variant and variant not in PRECISION_VARIANTS:
+        raise ValueError(f"renderer label {label!r}: unknown precision variant {variant!r}; "
+                         f"known: {', '.join(PRECISION_VARIANTS)}")
+    return version, variant or None
+
+
+def renderer_labels(versions: Sequence[str], variants: Sequence[str]) -> tuple[str, ...]:
+    """Every version at fp32, then every version in every variant."""
+    return tuple(versions) + tuple(renderer_label(v, variant) for variant in variants for v in versions)
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,7 @@ class Settings:
     parallel: int = 1
     held_back: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(BENCHMARK_HELD_BACK))
     renderer_versions: tuple[str, ...] = ()  # empty = every version in the store
+    precision_variants: tuple[str, ...] = ()  # PRECISION_VARIANTS keys, rendered beside fp32 (see the docstring)
 
 
 QUICK = Settings(datasets=("monuseg",), ks={"monuseg": (2,)}, seeds=(0, 1), crop=128, train_crop=64, steps=3,
@@ -100,9 +131,36 @@ def _render(client: HistosynthClient, class_maps: np.ndarray, instances: np.ndar
     return np.concatenate(images), {"name": model.name, "version": model.version, "sha256": model.sha256}
 
 
+def served_runtimes(servers: BackgroundServers) -> list[str]:
+    """The runtime instances actually serving the renderer (provider strings name engine and precision)."""
+    return sorted({info.provider for host in servers.running.hosts for served in host.loaded()
+                   if served.manifest.name == RENDERER for info in served.pool.instances})
+
+
+class RenderServices:
+    """One loopback Render server per engine/precision variant, started on first use."""
+
+    def __init__(self, config: Any, stack: contextlib.ExitStack) -> None:
+        self._config, self._stack = config, stack
+        self._open: dict[str | None, tuple[BackgroundServers, HistosynthClient]] = {}
+
+    def __call__(self, variant: str | None) -> tuple[BackgroundServers, HistosynthClient]:
+        if variant not in self._open:
+            # Explicit for fp32 too: a HISTOSYNTH_RUNTIME / _PRECISION in the environment must not change the baseline.
+            engine, precision = PRECISION_VARIANTS[variant] if variant else ("onnxruntime", "fp32")
+            config = replace(self._config, runtime=f"{RENDERER}={engine}", precision=f"{RENDERER}={precision}")
+            servers = self._stack.enter_context(BackgroundServers(config, services=["rendering"],
+                                                                  ports={"rendering": 0}))
+            client = self._stack.enter_context(HistosynthClient(targets={"rendering": servers.addresses["rendering"]}))
+            self._open[variant] = (servers, client)
+        return self._open[variant]
+
+
 def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
             versions: Sequence[str]) -> dict[str, Any]:
-    """Draw every (dataset, seed), render its masks with every renderer version, cache arrays under data_dir."""
+    """Draw every (dataset, seed), render its masks with every renderer label, cache arrays under data_dir.
+
+    ``versions`` are renderer labels: a version (ONNX Runtime fp32) or ``<version>-<variant>``."""
     data_dir.mkdir(parents=True, exist_ok=True)
     model_store = ModelStore(store)
     meta: dict[str, Any] = {}
@@ -110,8 +168,8 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
     # Crops are rendered in one piece (the service's tile-size setting), not as the model's 128 px training
     # tiles blended with overlap: 2.25x less work at 256 px and no seams where the instance norms differ.
     os.environ.setdefault("HISTOSYNTH_RENDER_TILE_SIZE", str(settings.crop))
-    with BackgroundServers(config, services=["rendering"], ports={"rendering": 0}) as servers, \
-            HistosynthClient(targets={"rendering": servers.addresses["rendering"]}) as client:
+    with contextlib.ExitStack() as stack:
+        services = RenderServices(config, stack)
         for dataset in settings.datasets:
             split = data.benchmark_split(data_root, dataset, settings.held_back[dataset])
             test_path = data_dir / f"{dataset}-test.npz"
@@ -124,10 +182,13 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                 "test": [data.test_image_info(split.dataset, r) for r in split.test],
                 "train_groups": split.train_groups, "test_groups": split.test_groups, "seeds": {},
                 "renderers": {}}
-            for version in versions:
+            for label in versions:
+                version, variant = parse_label(label)
                 manifest = model_store.get(RENDERER, version)
-                entry["renderers"][version] = {"sha256": manifest.sha256,
-                                               "saw_held_back": data.renderer_saw(manifest, split.test_groups)}
+                engine, precision = PRECISION_VARIANTS[variant] if variant else ("onnxruntime", "fp32")
+                entry["renderers"][label] = {"sha256": manifest.sha256, "version": version, "runtime": engine,
+                                             "precision": precision,
+                                             "saw_held_back": data.renderer_saw(manifest, split.test_groups)}
             for seed in settings.seeds:
                 path = data_dir / f"{dataset}-seed{seed}.npz"
                 draw_meta = data_dir / f"{dataset}-seed{seed}.json"
@@ -142,18 +203,22 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                                                      "mask_sources": draw.synthetic_masks.sources}, indent=1))
                 entry["seeds"][seed] = json.loads(draw_meta.read_text())
                 arrays = np.load(path)
-                for version in versions:
-                    rendered = data_dir / f"{dataset}-seed{seed}-v{version}.npz"
+                for label in versions:
+                    rendered = data_dir / f"{dataset}-seed{seed}-v{label}.npz"
                     if rendered.is_file():
                         continue
+                    version, variant = parse_label(label)
+                    servers, client = services(variant)
                     manifest = model_store.get(RENDERER, version)
                     class_maps = data.remap(arrays["mask_class_maps"], data.renderer_class_remap(manifest, dataset))
                     started = time.perf_counter()
                     images, model = _render(client, class_maps, arrays["mask_instances"], version, seed * 10_000)
-                    print(json.dumps({"rendered": dataset, "seed": seed, "version": version, "n": len(images),
+                    model["served_by"] = served_runtimes(servers)
+                    print(json.dumps({"rendered": dataset, "seed": seed, "version": label, "n": len(images),
+                                      "served_by": model["served_by"],
                                       "seconds": round(time.perf_counter() - started, 1)}), flush=True)
                     np.savez_compressed(rendered, images=images)
-                    (data_dir / f"{dataset}-seed{seed}-v{version}.json").write_text(json.dumps(model))
+                    (data_dir / f"{dataset}-seed{seed}-v{label}.json").write_text(json.dumps(model))
             meta[dataset] = entry
     return meta
 
@@ -316,6 +381,30 @@ def paired(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str,
     return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs))}
 
 
+def paired_variant(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, label: str,
+                   metric: str) -> dict[str, Any] | None:
+    """A precision variant's arm minus the same arm of its fp32 version, paired by seed (same masks, seeds, init)."""
+    version, variant = parse_label(label)
+    if variant is None:
+        return None
+
+    def per_seed(name: str) -> dict[int, float]:
+        return {r["seed"]: scores(r["counts"])[metric] for r in results
+                if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, name)}
+    base, other = per_seed(version), per_seed(label)
+    seeds = sorted(set(base) & set(other))
+    if len(seeds) < 2:
+        return None
+    diffs = [other[s] - base[s] for s in seeds]
+    if any(diffs):
+        test = scipy_stats.ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
+        p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
+    else:
+        p = 1.0  # identical runs: no difference to test
+    return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs)),
+            "fp32": mean_std([base[s] for s in seeds]), "variant": mean_std([other[s] for s in seeds])}
+
+
 def arm_scores(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
                subset: Sequence[int] | None = None) -> dict[str, Any] | None:
     runs = [r for r in results if (r["dataset"], r["k"], r["arm"]) == (dataset, k, arm)
@@ -372,6 +461,12 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
 
 
 # ============================================================================================ report
+def _title(label: str) -> str:
+    """"2" -> "v2"; "2-openvino-bf16" -> "v2 (openvino bf16)"."""
+    version, variant = parse_label(label)
+    return f"v{version}" + (f" ({' '.join(PRECISION_VARIANTS[variant])})" if variant else "")
+
+
 def _pm(stats: Mapping[str, Any] | None) -> str:
     return "–" if stats is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
@@ -400,6 +495,9 @@ def summarize(settings: Settings, results: Sequence[Mapping[str, Any]], meta: Ma
                         "tiles": len(subset),
                         "arms": {arm: arm_scores(results, dataset, k, arm, version, subset) for arm in ARMS},
                         "B-A": {m: paired(results, dataset, k, "B", version, m, subset) for m in METRICS}}
+                if parse_label(version)[1] is not None:
+                    entry["vs_fp32"] = {arm: {m: paired_variant(results, dataset, k, arm, version, m) for m in METRICS}
+                                        for arm in ("B", "C")}
                 seen = meta[dataset]["renderers"][version]["saw_held_back"]
                 if seen:  # the same scores on the held-back images this renderer never trained on
                     subset = [i for i, t in enumerate(meta[dataset]["test"]) if t["group"] not in seen]
@@ -442,7 +540,8 @@ def write_report(out: Path, command: str, settings: Settings, meta: Mapping[str,
         "grids": grids}
     sections = []
     for key, entry in summary.items():
-        dataset, k_label, version = key.split("/")
+        dataset, k_label, v_label = key.split("/")
+        version = v_label[1:]  # "v2" / "v2-openvino-bf16" -> the renderer label
         k = int(k_label[1:])
         rows = [[ARM_NAMES[arm]] + [_pm((entry["arms"][arm] or {}).get(m)) for m in METRICS] for arm in ARMS]
         diff_rows = [[f"{arm} − A"] + [_diff(entry["paired"][f"{arm}-A"][m]) for m in METRICS] for arm in ("B", "C")]
@@ -454,18 +553,26 @@ def write_report(out: Path, command: str, settings: Settings, meta: Mapping[str,
             f"\nThis renderer trained on held-back group(s) {', '.join(unseen['excluded_groups'])}; on the other "
             f"{unseen['tiles']} images B − A is Dice {_diff(unseen['B-A']['pixel_dice'])}, object F1 "
             f"{_diff(unseen['B-A']['object_f1'])}.\n")
-        sections.append(f"""### {dataset}, k = {k}, m = {settings.synthetic_factor * k}, renderer {RENDERER} {version}
+        vs_fp32 = entry.get("vs_fp32")
+        variant_lines = "" if not vs_fp32 else "\n" + (
+            f"Same masks and render seeds as {RENDERER} v{parse_label(version)[0]} at fp32 (ONNX Runtime), rendered "
+            f"on {' '.join(PRECISION_VARIANTS[parse_label(version)[1]])}; arm minus the same arm at fp32, paired by "
+            "seed:\n\n" + table(["paired difference", "pixel Dice", "object F1", "AJI"],
+                                [[f"{arm} {_title(version)} − {arm} fp32"] + [_diff(vs_fp32[arm][m]) for m in METRICS]
+                                 for arm in ("B", "C")]))
+        sections.append(f"""### {dataset}, k = {k}, m = {settings.synthetic_factor * k}, renderer {RENDERER} {_title(version)}
 
 {table(["arm", "pixel Dice", "object F1 (IoU > 0.5)", "AJI"], rows)}
 {table(["paired difference", "pixel Dice", "object F1", "AJI"], diff_rows)}
 Per organ (pixel Dice; differences paired by seed):
 
-{table(["organ", "images", "A", "B", "C", "B − A Dice", "B − A object F1"], organ_rows)}{unseen_line}""")
+{table(["organ", "images", "A", "B", "C", "B − A Dice", "B − A object F1"], organ_rows)}{unseen_line}{variant_lines}""")
     dist_rows = []
     for dataset, entry in distributions.items():
         for name in ["real_vs_real"] + [f"v{v}" for v in versions]:
             s = entry[name]
-            label = "real (training tiles) vs held-back" if name == "real_vs_real" else f"{RENDERER} {name} vs held-back"
+            label = ("real (training tiles) vs held-back" if name == "real_vs_real"
+                     else f"{RENDERER} {_title(name[1:])} vs held-back")
             dist_rows.append([dataset, label, str(entry["n"]), f"{s['fid']:.1f}", f"{s['kid_mean']:.4f}",
                               f"{s['precision']:.3f}", f"{s['recall']:.3f}",
                               f"{s['stain_wasserstein']['H']:.4f}", f"{s['stain_wasserstein']['E']:.4f}"])
@@ -476,6 +583,11 @@ Per organ (pixel Dice; differences paired by seed):
     warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
     check_rows = [[version, name, "yes" if ok else "**no**"] for version, c in checks.items() for name, ok in c.items()]
     total_minutes = sum(r["train_seconds"] for r in results) / 60
+    variant_protocol = "" if not settings.precision_variants else (
+        "\n  Precision variants (" + ", ".join(f"{name}: {' '.join(PRECISION_VARIANTS[name])}"
+                                              for name in settings.precision_variants)
+        + "): the same masks and render seeds through the same Render service on that engine and precision; "
+        "their arms are also compared with the fp32 arms, paired by seed.")
     markdown = f"""
 ## Acceptance (issue #17, MoNuSeg held-back patients)
 
@@ -503,7 +615,7 @@ that mask).
 - Per seed the training groups are shuffled and halved: k real {settings.crop} px crops from one half, the
   masks of m = {settings.synthetic_factor}k crops from the other half rendered through the gRPC Render service
   (mask-rendering server on loopback, ONNX Runtime CPU, each crop in one piece via HISTOSYNTH_RENDER_TILE_SIZE;
-  class ids remapped as each renderer was trained, instance maps passed for edges, render seed fixed per seed). Draws are nested: k = 16 uses the first 16 of the k = 64 crops.
+  class ids remapped as each renderer was trained, instance maps passed for edges, render seed fixed per seed). Draws are nested: k = 16 uses the first 16 of the k = 64 crops.{variant_protocol}
 - Segmenter: `TissueSegmenter` U-Net (base 16, depth 3), 3 classes (background, nucleus interior, 1-2 px
   nucleus boundary); loss CE (boundary weight 2) + soft Dice on nucleus; AdamW lr {settings.lr}, warm-up +
   cosine; {settings.steps} steps of batch {settings.batch_size} ({settings.train_crop} px random sub-crops, flips,
@@ -540,7 +652,8 @@ def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_di
         k = min(settings.ks[dataset])
         truth = three_class_target(test["instances"][0][:256, :256])
         row = [test["images"][0][:256, :256], _colour(truth)]
-        for arm, version in [("A", "")] + [(arm, versions[-1]) for arm in ("B", "C")]:
+        newest = [label for label in versions if parse_label(label)[1] is None][-1:] or list(versions[-1:])
+        for arm, version in [("A", "")] + [(arm, newest[0]) for arm in ("B", "C")]:
             run = runs_dir / RunSpec(dataset, k, seed, arm, version, "", "", "", "", {}).key / "preview.npz"
             if run.is_file():
                 row.append(_colour(np.load(run)["prediction"]))
@@ -568,8 +681,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--parallel", type=int)
     parser.add_argument("--no-distribution", action="store_true", help="skip FID/KID/PR and stain scores")
+    parser.add_argument("--precision-variants", nargs="*", default=[], choices=sorted(PRECISION_VARIANTS),
+                        help="also render the same masks with each version on this engine/precision (cached as "
+                        "<version>-<variant>) and pair their arms with fp32")
+    parser.add_argument("--datasets", nargs="*", help="a subset of the datasets (default: all)")
+    parser.add_argument("--ks", type=int, nargs="*", help="a subset of k (real crops), for every dataset")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
+    if args.datasets:
+        unknown = sorted(set(args.datasets) - set(settings.datasets))
+        if unknown:
+            parser.error(f"--datasets {unknown}: valid {list(settings.datasets)}")
+        settings = replace(settings, datasets=tuple(args.datasets))
+    if args.ks:
+        ks = {d: tuple(k for k in settings.ks[d] if k in args.ks) for d in settings.datasets}
+        if not all(ks.values()):
+            parser.error(f"--ks {args.ks}: each dataset needs one of its k values {dict(settings.ks)}")
+        settings = replace(settings, ks=ks)
+    if args.precision_variants:
+        settings = replace(settings, precision_variants=tuple(dict.fromkeys(args.precision_variants)))
     for name in ("steps", "parallel"):
         if getattr(args, name) is not None:
             settings = replace(settings, **{name: getattr(args, name)})
@@ -577,10 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = replace(settings, seeds=tuple(args.seeds))
     versions = tuple(args.versions) if args.versions else tuple(
         ModelStore(args.store).versions(RENDERER))
+    labels = renderer_labels(versions, settings.precision_variants)
     command = "python -m training.experiments.downstream " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.time()
     data_dir = args.runs_dir / "data"
-    meta = prepare(settings, args.data_root, args.store, data_dir, versions)
+    meta = prepare(settings, args.data_root, args.store, data_dir, labels)
     specs = []
     plain = _jsonable(asdict(settings))
     for k_rank in range(max(len(v) for v in settings.ks.values())):  # every k = 16 run before any k = 64 run
@@ -589,15 +720,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             k = settings.ks[dataset][k_rank]
             for seed in settings.seeds:
-                arms = [("A", "")] + [(arm, v) for v in versions for arm in ("B", "C")]
+                arms = [("A", "")] + [(arm, v) for v in labels for arm in ("B", "C")]
                 for arm, version in arms:
                     spec = RunSpec(dataset, k, seed, arm, version, "", str(data_dir / f"{dataset}-seed{seed}.npz"),
                                    str(data_dir / f"{dataset}-seed{seed}-v{version}.npz") if version else "",
                                    str(data_dir / f"{dataset}-test.npz"), plain)
                     specs.append(replace(spec, run_dir=str(args.runs_dir / spec.key)))
     results = run_all(specs, settings.parallel)
-    distributions = {} if args.no_distribution else distribution_scores(settings, data_dir, args.store, versions)
-    path = write_report(args.out, command, settings, meta, results, distributions, versions, data_dir, args.runs_dir,
+    distributions = {} if args.no_distribution else distribution_scores(settings, data_dir, args.store, labels)
+    path = write_report(args.out, command, settings, meta, results, distributions, labels, data_dir, args.runs_dir,
                         started)
     print(f"wrote {path}")
     return 0

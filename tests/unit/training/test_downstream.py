@@ -111,3 +111,49 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
     stamps = {p: p.stat().st_mtime for p in runs.glob("*/result.json")}
     assert downstream.main(argv) == 0
     assert stamps == {p: p.stat().st_mtime for p in runs.glob("*/result.json")}
+
+
+def test_renderer_labels_name_precision_variants_and_reject_unknown_ones() -> None:
+    assert downstream.renderer_labels(("1", "2"), ("openvino-bf16",)) == ("1", "2", "1-openvino-bf16", "2-openvino-bf16")
+    assert downstream.parse_label("2-openvino-bf16") == ("2", "openvino-bf16")
+    assert downstream.parse_label("2") == ("2", None)
+    with pytest.raises(ValueError, match="unknown precision variant 'tpu-int4'"):
+        downstream.parse_label("2-tpu-int4")
+
+
+def test_quick_precision_variant_renders_the_same_masks_on_openvino_bf16_and_pairs_with_fp32(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    argv = ["--data-root", str(FIXTURE_DATA), "--out", str(out), "--runs-dir", str(runs), "--quick", "--versions", "2",
+            "--precision-variants", "openvino-bf16", "--no-distribution"]
+    assert downstream.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())["results"]
+    keys = {f"{r['dataset']}-k{r['k']}-seed{r['seed']}-{r['arm']}" + (f"-v{r['version']}" if r["version"] else "")
+            for r in report["runs"]}
+    assert {"monuseg-k2-seed0-B-v2-openvino-bf16", "monuseg-k2-seed1-C-v2-openvino-bf16", "monuseg-k2-seed0-B-v2"} <= keys
+    assert all((runs / key / "result.json").is_file() for key in keys)
+    data_dir = runs / "data"
+    # fp32 renders keep their old names; the variant's are cached beside them, served by the engine it names.
+    fp32_meta = json.loads((data_dir / "monuseg-seed0-v2.json").read_text())
+    bf16_meta = json.loads((data_dir / "monuseg-seed0-v2-openvino-bf16.json").read_text())
+    assert fp32_meta["served_by"] == ["CPUExecutionProvider"]
+    assert len(bf16_meta["served_by"]) == 1 and bf16_meta["served_by"][0].endswith("-CPU-bf16")
+    assert fp32_meta["sha256"] == bf16_meta["sha256"] and fp32_meta["version"] == bf16_meta["version"] == "2"
+    fp32 = np.load(data_dir / "monuseg-seed0-v2.npz")["images"].astype(np.int16)
+    bf16 = np.load(data_dir / "monuseg-seed0-v2-openvino-bf16.npz")["images"].astype(np.int16)
+    assert fp32.shape == bf16.shape and np.abs(fp32 - bf16).mean() < 1.0  # the same masks and seeds, bf16 rounding
+    renderer = report["split"]["monuseg"]["renderers"]["2-openvino-bf16"]
+    assert (renderer["runtime"], renderer["precision"], renderer["version"]) == ("openvino", "bf16", "2")
+    vs = report["summary"]["monuseg/k2/v2-openvino-bf16"]["vs_fp32"]
+    assert set(vs) == {"B", "C"} and vs["B"]["pixel_dice"]["n"] == 2 and "fp32" in vs["C"]["object_f1"]
+    assert "vs_fp32" not in report["summary"]["monuseg/k2/v2"]
+    readme = (out / "README.md").read_text()
+    assert "renderer renderer-he-nuclei v2 (openvino bf16)" in readme and "B v2 (openvino bf16) − B fp32" in readme
+    assert "Precision variants (openvino-bf16: openvino bf16)" in readme
+
+
+def test_subset_flags_are_checked() -> None:
+    with pytest.raises(SystemExit):
+        downstream.main(["--data-root", str(FIXTURE_DATA), "--quick", "--datasets", "glas"])
+    with pytest.raises(SystemExit):
+        downstream.main(["--data-root", str(FIXTURE_DATA), "--quick", "--precision-variants", "int4"])
