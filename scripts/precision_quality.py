@@ -85,8 +85,9 @@ def downstream_comparison(runs_dir: Path, dataset: str, k: int, seeds: list[int]
                      "variant_std": round(float(np.std(other, ddof=1)), 4),
                      "diff_mean": round(float(np.mean(diffs)), 4), "diff_std": round(float(np.std(diffs, ddof=1)), 4),
                      "diff_per_seed": [round(d, 4) for d in diffs], "p_paired_t": round(p if np.isfinite(p) else 1.0, 4)}
+            entry["inside_fp32_ci"] = bool(low <= entry["variant_mean"] <= high)
             if metric in QUALITY_RULES["gated_metrics"]:
-                entry["within"] = bool(low <= entry["variant_mean"] <= high and entry["p_paired_t"] >= QUALITY_RULES["p_min"])
+                entry["within"] = bool(entry["inside_fp32_ci"] and entry["p_paired_t"] >= QUALITY_RULES["p_min"])
             out[arm][metric] = entry
     return out
 
@@ -162,8 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     downstream_ok = all(m["within"] for arm in downstream.values() for m in arm.values() if "within" in m)
     quality_ok = downstream_ok and distribution["fid_within"] and distribution["kid_within"]
     output_ok = bool(entry.get("output_passed", entry.get("passed")))
+    failures = [f"downstream {arm} {metric}: variant {e['variant_mean']} vs fp32 {e['fp32_mean']} (95 % CI "
+                f"{e['fp32_ci95']}), paired diff {e['diff_mean']:+} +- {e['diff_std']} (p = {e['p_paired_t']})"
+                for arm, ms in downstream.items() for metric, e in ms.items() if e.get("within") is False]
+    if not distribution["fid_within"]:
+        failures.append(f"FID {distribution['variant_vs_held_back']['fid']} outside fp32's "
+                        f"{distribution['fp32_vs_held_back'].get('fid_ci95')}")
+    if not distribution["kid_within"]:
+        failures.append("KID moved by more than 1.96 fp32 subset-std")
     quality = {
         "passed": bool(quality_ok),
+        "failed_rules": failures,
         "rules": QUALITY_RULES,
         "protocol": f"training.experiments.downstream --precision-variants {args.variant}: {args.dataset} held-back "
         f"patients, k = {args.k}, m = {4 * args.k}, seeds {args.seeds}; the same masks and render seeds through the "

@@ -8,11 +8,14 @@ on loopback, trains the real U-Net for a few steps and scores with the real scor
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from services.core.model_store import ModelStore
+from services.core.runtimes.selection import record_check
 from training.data.benchmark_split import BENCHMARK_HELD_BACK, SEEN_BY_V1, held_back_groups
 from training.data.shared_layout import load_records, split_records
 from training.experiments import downstream
@@ -123,9 +126,16 @@ def test_renderer_labels_name_precision_variants_and_reject_unknown_ones() -> No
 
 def test_quick_precision_variant_renders_the_same_masks_on_openvino_bf16_and_pairs_with_fp32(tmp_path: Path) -> None:
     pytest.importorskip("openvino")
+    # A store of its own holding the shipped v2 with a passing bf16 entry, so this test does not depend on what the
+    # shipped precision_checks.yaml says (the gate itself is tested in tests/unit/core/test_openvino_runtime.py).
+    shipped = REPO / "model_store" / "renderer-he-nuclei" / "2"
+    store = tmp_path / "model_store"
+    shutil.copytree(shipped, store / "renderer-he-nuclei" / "2")
+    manifest = ModelStore(store).get("renderer-he-nuclei", "2")
+    record_check(manifest, {"runtime": "openvino", "precision": "bf16", "sha256": manifest.sha256, "passed": True})
     out, runs = tmp_path / "report", tmp_path / "runs"
     argv = ["--data-root", str(FIXTURE_DATA), "--out", str(out), "--runs-dir", str(runs), "--quick", "--versions", "2",
-            "--precision-variants", "openvino-bf16", "--no-distribution"]
+            "--precision-variants", "openvino-bf16", "--no-distribution", "--store", str(store)]
     assert downstream.main(argv) == 0
     report = json.loads((out / "report.json").read_text())["results"]
     keys = {f"{r['dataset']}-k{r['k']}-seed{r['seed']}-{r['arm']}" + (f"-v{r['version']}" if r["version"] else "")
@@ -157,3 +167,16 @@ def test_subset_flags_are_checked() -> None:
         downstream.main(["--data-root", str(FIXTURE_DATA), "--quick", "--datasets", "glas"])
     with pytest.raises(SystemExit):
         downstream.main(["--data-root", str(FIXTURE_DATA), "--quick", "--precision-variants", "int4"])
+
+
+def test_precision_variant_without_a_passing_check_fails_instead_of_rendering_at_fp32(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    store = tmp_path / "model_store"
+    shutil.copytree(REPO / "model_store" / "renderer-he-nuclei" / "2", store / "renderer-he-nuclei" / "2")
+    (store / "renderer-he-nuclei" / "2" / "precision_checks.yaml").unlink(missing_ok=True)
+    argv = ["--data-root", str(FIXTURE_DATA), "--out", str(tmp_path / "report"), "--runs-dir", str(tmp_path / "runs"),
+            "--quick", "--versions", "2", "--precision-variants", "openvino-bf16", "--no-distribution",
+            "--store", str(store)]
+    with pytest.raises(Exception, match="precision check"):
+        downstream.main(argv)
+    assert not list((tmp_path / "runs" / "data").glob("*openvino-bf16*"))
