@@ -42,7 +42,7 @@ from services.core.model_store import ModelManifest, ModelStore  # noqa: E402
 from services.core.runtimes.base import RuntimeOptions  # noqa: E402
 from services.core.runtimes.openvino import openvino_version  # noqa: E402
 from services.core.runtimes.registry import create_runtime  # noqa: E402
-from services.core.runtimes.selection import record_check  # noqa: E402
+from services.core.runtimes.selection import read_checks, record_check  # noqa: E402
 from services.mask_refinement.pipeline import encode_input  # noqa: E402
 from services.mask_rendering.pipeline import RendererSpec, RenderingPipeline, to_uint8_rgb  # noqa: E402
 
@@ -120,6 +120,21 @@ def compare(kind: str, manifest: ModelManifest, reference: list[np.ndarray], can
     return measured
 
 
+def keep_quality(entry: dict[str, Any], recorded: list[dict[str, Any]]) -> dict[str, Any]:
+    """``entry`` with the held-back quality check already recorded for the same file, runtime and precision.
+
+    scripts/precision_quality.py adds that check to the entry; re-running this output check must not drop
+    it, or a precision whose downstream/FID check failed would be allowed again.
+    """
+    earlier = [c for c in recorded if (c.get("sha256"), c.get("runtime"), c.get("precision"))
+               == (entry["sha256"], entry["runtime"], entry["precision"]) and isinstance(c.get("quality"), dict)]
+    if not earlier:
+        return entry
+    quality = earlier[-1]["quality"]
+    return {**entry, "output_passed": entry["passed"], "passed": bool(entry["passed"] and quality.get("passed")),
+            "quality": quality, "not_checked": earlier[-1].get("not_checked", entry.get("not_checked"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -177,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     reference_rt.close()
     candidate_rt.close()
+    entry = keep_quality(entry, read_checks(manifest))
+    passed = entry["passed"]
     print(json.dumps(entry, indent=2))
     if not args.dry_run:
         path = record_check(manifest, entry)

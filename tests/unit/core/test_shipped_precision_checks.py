@@ -53,3 +53,16 @@ def test_v2_int8_entry_is_a_failed_output_check_calibrated_on_training_tiles(ren
     stems = {origin.split("/")[-1].split("@")[0] for origin in calibration["origins_first"]}
     names = {group.split(":")[1].removeprefix("CoNSeP_") for group in held_back}  # CoNSeP files: train_12_003.jpg
     assert not any(stem.startswith((f"{name}_", f"{name}-")) for name in names for stem in stems)
+
+
+def test_rerunning_the_output_check_keeps_a_failed_quality_check(renderer_v2) -> None:  # noqa: ANN001
+    import sys
+
+    sys.path.insert(0, str(SHIPPED.parent / "scripts"))
+    from check_precision import keep_quality
+
+    fresh = {"runtime": "openvino", "precision": "bf16", "sha256": renderer_v2.sha256, "passed": True, "measured": {}}
+    merged = keep_quality(fresh, read_checks(renderer_v2))
+    assert merged["output_passed"] is True and merged["passed"] is False and merged["quality"]["passed"] is False
+    other_file = {**fresh, "sha256": "0" * 64}
+    assert keep_quality(other_file, read_checks(renderer_v2)) == other_file
