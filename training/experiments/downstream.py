@@ -111,6 +111,7 @@ class Settings:
     held_back: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(BENCHMARK_HELD_BACK))
     renderer_versions: tuple[str, ...] = ()  # empty = every version in the store
     precision_variants: tuple[str, ...] = ()  # PRECISION_VARIANTS keys, rendered beside fp32 (see the docstring)
+    draw_k: Mapping[str, int] = field(default_factory=dict)  # k each seed's draw is made for (default: max of ks)
 
 
 QUICK = Settings(datasets=("monuseg",), ks={"monuseg": (2,)}, seeds=(0, 1), crop=128, train_crop=64, steps=3,
@@ -177,7 +178,8 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                 tests = data.test_images(split)
                 np.savez_compressed(test_path, images=np.stack([t.image for t in tests]),
                                     instances=np.stack([t.instances for t in tests]))
-            k_max = max(settings.ks[dataset])
+            # --ks runs a subset: the draw stays the one of the full k list, so a run matches the cached ones.
+            k_max = settings.draw_k.get(dataset, max(settings.ks[dataset]))
             entry: dict[str, Any] = {
                 "test": [data.test_image_info(split.dataset, r) for r in split.test],
                 "train_groups": split.train_groups, "test_groups": split.test_groups, "seeds": {},
@@ -203,6 +205,9 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                                                      "mask_sources": draw.synthetic_masks.sources}, indent=1))
                 entry["seeds"][seed] = json.loads(draw_meta.read_text())
                 arrays = np.load(path)
+                if len(arrays["mask_instances"]) < settings.synthetic_factor * max(settings.ks[dataset]):
+                    raise ValueError(f"{path}: {len(arrays['mask_instances'])} masks, fewer than "
+                                     f"{settings.synthetic_factor} x k = {max(settings.ks[dataset])}; delete it to redraw")
                 for label in versions:
                     rendered = data_dir / f"{dataset}-seed{seed}-v{label}.npz"
                     if rendered.is_file():
@@ -697,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ks = {d: tuple(k for k in settings.ks[d] if k in args.ks) for d in settings.datasets}
         if not all(ks.values()):
             parser.error(f"--ks {args.ks}: each dataset needs one of its k values {dict(settings.ks)}")
-        settings = replace(settings, ks=ks)
+        settings = replace(settings, ks=ks, draw_k={d: max(settings.ks[d]) for d in settings.datasets})
     if args.precision_variants:
         settings = replace(settings, precision_variants=tuple(dict.fromkeys(args.precision_variants)))
     for name in ("steps", "parallel"):

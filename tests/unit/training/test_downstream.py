@@ -135,7 +135,8 @@ def test_quick_precision_variant_renders_the_same_masks_on_openvino_bf16_and_pai
     record_check(manifest, {"runtime": "openvino", "precision": "bf16", "sha256": manifest.sha256, "passed": True})
     out, runs = tmp_path / "report", tmp_path / "runs"
     argv = ["--data-root", str(FIXTURE_DATA), "--out", str(out), "--runs-dir", str(runs), "--quick", "--versions", "2",
-            "--precision-variants", "openvino-bf16", "--no-distribution", "--store", str(store)]
+            "--precision-variants", "openvino-bf16", "--no-distribution", "--store", str(store), "--ks", "2",
+            "--datasets", "monuseg"]
     assert downstream.main(argv) == 0
     report = json.loads((out / "report.json").read_text())["results"]
     keys = {f"{r['dataset']}-k{r['k']}-seed{r['seed']}-{r['arm']}" + (f"-v{r['version']}" if r["version"] else "")
@@ -160,6 +161,7 @@ def test_quick_precision_variant_renders_the_same_masks_on_openvino_bf16_and_pai
     readme = (out / "README.md").read_text()
     assert "renderer renderer-he-nuclei v2 (openvino bf16)" in readme and "B v2 (openvino bf16) − B fp32" in readme
     assert "Precision variants (openvino-bf16: openvino bf16)" in readme
+    assert report["settings"]["draw_k"] == {"monuseg": 2}  # --ks keeps the full list's draw
 
 
 def test_subset_flags_are_checked() -> None:
