@@ -17,16 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
-
-def failure(call: Any) -> dict[str, str] | None:
-    """The status and message of a call expected to fail (None if it succeeded)."""
-    try:
-        call()
-    except InferenceServerException as error:
-        return {"status": str(error.status()), "message": str(error.message())}
-    return None
+from tritonclient.utils import np_to_triton_dtype
+from tritonclient_probe import failure  # this script's directory is on sys.path when run as a script
 
 
 def main() -> None:
