@@ -66,8 +66,10 @@ def split_record(data: dict, seed: int, groups: dict) -> dict:
     """The manifest's split: fractions per dataset (a source may override them), the groups each source held back
     (the downstream benchmark's tiles, forced to test before the draw) and the resulting groups per split."""
     fractions = {s["dataset"]: s.get("split_fractions", data["split_fractions"]) for s in data.get("sources", [])}
-    held_back = {source["dataset"]: list(groups) for source in data.get("sources", [])
-                 if (groups := held_back_groups(source))}
+    # No walrus here: an assignment expression in a comprehension binds in this function's scope and would
+    # overwrite the `groups` argument.
+    held_back = {source["dataset"]: list(source_groups) for source in data.get("sources", [])
+                 if (source_groups := held_back_groups(source))}
     return {"fractions": fractions or data["split_fractions"], "seed": data.get("split_seed", seed),
             "unit": "patient where recorded, else source tile", "held_back": held_back, "groups": groups}
 
