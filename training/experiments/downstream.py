@@ -321,7 +321,12 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     run_dir = Path(spec.run_dir)
     result_path = run_dir / "result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        cached = json.loads(result_path.read_text())
+        # The cache key names dataset/k/seed/arm/version only; a run under another step budget is not the same run.
+        if int(cached.get("steps", -1)) != int(spec.settings["steps"]):
+            raise ValueError(f"{result_path} was trained for {cached.get('steps')} steps, this run asks for "
+                             f"{spec.settings['steps']}: pass another --runs-dir for a different budget")
+        return cached
     torch.set_num_threads(1)
     k, m = spec.k, spec.k * int(spec.settings["synthetic_factor"])
     seed_arrays = np.load(spec.seed_file)

@@ -182,3 +182,15 @@ def test_precision_variant_without_a_passing_check_fails_instead_of_rendering_at
     with pytest.raises(Exception, match="precision check"):
         downstream.main(argv)
     assert not list((tmp_path / "runs" / "data").glob("*openvino-bf16*"))
+
+
+def test_a_cached_run_under_another_step_budget_is_refused(tmp_path: Path) -> None:
+    # The cache key has no step budget in it: reusing a 300-step result for a 1000-step run would be silent.
+    run_dir = tmp_path / "monuseg-k16-seed0-A"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text(json.dumps({"steps": 300, "scores": {}}))
+    spec = downstream.RunSpec("monuseg", 16, 0, "A", "", str(run_dir), "", "", "", {"steps": 1000})
+    with pytest.raises(ValueError, match="another --runs-dir"):
+        downstream.run_one(spec)
+    assert downstream.run_one(downstream.RunSpec("monuseg", 16, 0, "A", "", str(run_dir), "", "", "",
+                                                  {"steps": 300}))["steps"] == 300
