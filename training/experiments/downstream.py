@@ -415,6 +415,26 @@ def paired_variant(results: Sequence[Mapping[str, Any]], dataset: str, k: int, a
             "fp32": mean_std([base[s] for s in seeds]), "variant": mean_std([other[s] for s in seeds])}
 
 
+def real_data_gain(results: Sequence[Mapping[str, Any]], dataset: str, k_small: int, k_large: int,
+                   metric: str) -> dict[str, Any] | None:
+    """A at k_large minus A at k_small, paired by seed: what more *real* crops buy under the same protocol.
+
+    The draws are nested (k_small crops are the first of the k_large), so this is the yardstick for B - A: a
+    synthetic gain larger than the gain of 4x more real data would need the renders to beat real tissue.
+    """
+    def per_seed(k: int) -> dict[int, float]:
+        return {r["seed"]: scores(r["counts"])[metric] for r in results
+                if (r["dataset"], r["k"], r["arm"]) == (dataset, k, "A")}
+    small, large = per_seed(k_small), per_seed(k_large)
+    seeds = sorted(set(small) & set(large))
+    if len(seeds) < 2:
+        return None
+    diffs = [large[s] - small[s] for s in seeds]
+    test = scipy_stats.ttest_rel([large[s] for s in seeds], [small[s] for s in seeds])
+    p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
+    return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs))}
+
+
 def arm_scores(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
                subset: Sequence[int] | None = None) -> dict[str, Any] | None:
     runs = [r for r in results if (r["dataset"], r["k"], r["arm"]) == (dataset, k, arm)
@@ -542,10 +562,14 @@ def write_report(out: Path, command: str, settings: Settings, meta: Mapping[str,
     report.started = started
     summary = summarize(settings, results, meta, versions)
     checks = {f"v{v}": done_when(summary, v) for v in versions}
+    gains = {f"{d}/A(k{max(settings.ks[d])})-A(k{min(settings.ks[d])})":
+             {m: real_data_gain(results, d, min(settings.ks[d]), max(settings.ks[d]), m) for m in METRICS}
+             for d in settings.datasets if len(settings.ks[d]) > 1}
     grids = _grids(report, settings, data_dir, runs_dir, versions)
     report.results = {"settings": _jsonable(asdict(settings)), "split": {d: {k: meta[d][k] for k in (
         "train_groups", "test_groups", "test", "renderers")} for d in settings.datasets},
         "seeds": {d: meta[d]["seeds"] for d in settings.datasets}, "summary": summary, "done_when": checks,
+        "real_data_gain": gains,
         "distribution": distributions, "runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in results],
         "grids": grids}
     sections = []
@@ -592,6 +616,13 @@ Per organ (pixel Dice; differences paired by seed):
         extractor = f"{e['name']} v{e['version']} ({e['family']}, standard FID: {e['standard_fid']})"
     warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
     check_rows = [[version, name, "yes" if ok else "**no**"] for version, c in checks.items() for name, ok in c.items()]
+    gain_rows = [[key.split("/")[0], key.split("/")[1].replace("-", " − ")] + [_diff(g[m]) for m in METRICS]
+                 for key, g in gains.items()]
+    gain_section = "" if not gain_rows else f"""
+What more real data buys under the same protocol (arm A at the largest k minus arm A at the smallest, same seeds,
+nested draws): the yardstick for B − A.
+
+{table(["data", "difference", "pixel Dice", "object F1", "AJI"], gain_rows)}"""
     total_minutes = sum(r["train_seconds"] for r in results) / 60
     variant_protocol = "" if not settings.precision_variants else (
         "\n  Precision variants (" + ", ".join(f"{name}: {' '.join(PRECISION_VARIANTS[name])}"
@@ -601,7 +632,7 @@ Per organ (pixel Dice; differences paired by seed):
     markdown = f"""
 ## Acceptance (issue #17, MoNuSeg held-back patients)
 
-{table(["renderer", "check", "met"], check_rows)}
+{table(["renderer", "check", "met"], check_rows)}{gain_section}
 ## Downstream segmentation (held-back images, mean ± std over seeds {list(settings.seeds)})
 
 Differences are arm − A per seed: mean ± std (two-sided paired t-test p, seeds where the arm is higher).

@@ -194,3 +194,16 @@ def test_a_cached_run_under_another_step_budget_is_refused(tmp_path: Path) -> No
         downstream.run_one(spec)
     assert downstream.run_one(downstream.RunSpec("monuseg", 16, 0, "A", "", str(run_dir), "", "", "",
                                                   {"steps": 300}))["steps"] == 300
+
+
+def test_real_data_gain_pairs_arm_a_across_k_by_seed() -> None:
+    def run(k: int, seed: int, intersection: int, arm: str = "A") -> dict:
+        counts = [{"pixels_intersection": intersection, "pixels_predicted": 100, "pixels_true": 100,
+                   "objects_matched": 1, "objects_predicted": 2, "objects_true": 2,
+                   "aji_intersection": 1, "aji_union": 2}]
+        return {"dataset": "monuseg", "k": k, "seed": seed, "arm": arm, "version": "", "counts": counts}
+    results = [run(16, 0, 70), run(16, 1, 72), run(64, 0, 75), run(64, 1, 74), run(64, 0, 10, arm="B")]
+    gain = downstream.real_data_gain(results, "monuseg", 16, 64, "pixel_dice")
+    assert gain is not None and gain["seeds"] == [0, 1] and gain["higher"] == 2
+    assert gain["mean"] == pytest.approx((0.05 + 0.02) / 2)
+    assert downstream.real_data_gain(results[:3], "monuseg", 16, 64, "pixel_dice") is None  # one paired seed
