@@ -114,6 +114,11 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
     stamps = {p: p.stat().st_mtime for p in runs.glob("*/result.json")}
     assert downstream.main(argv) == 0
     assert stamps == {p: p.stat().st_mtime for p in runs.glob("*/result.json")}
+    # --arms B trains only A and B; C is reported as missing, not as a failed check.
+    assert downstream.main(argv + ["--arms", "B", "--no-distribution"]) == 0
+    report = json.loads((out / "report.json").read_text())["results"]
+    assert sorted({run["arm"] for run in report["runs"]}) == ["A", "B"]
+    assert report["summary"]["monuseg/k2/v1"]["arms"]["C"] is None
 
 
 def test_renderer_labels_name_precision_variants_and_reject_unknown_ones() -> None:
@@ -207,3 +212,12 @@ def test_real_data_gain_pairs_arm_a_across_k_by_seed() -> None:
     assert gain is not None and gain["seeds"] == [0, 1] and gain["higher"] == 2
     assert gain["mean"] == pytest.approx((0.05 + 0.02) / 2)
     assert downstream.real_data_gain(results[:3], "monuseg", 16, 64, "pixel_dice") is None  # one paired seed
+
+
+def test_done_when_leaves_out_checks_of_arms_that_were_not_trained() -> None:
+    diff = {"mean": 0.04, "std": 0.01, "p_paired_t": 0.01}
+    summary = {"monuseg/k16/v3": {"arms": {"A": {}, "B": {}, "C": None},
+                                  "paired": {"B-A": {"pixel_dice": diff, "object_f1": diff},
+                                             "C-A": {"pixel_dice": None, "object_f1": None}}}}
+    assert downstream.done_when(summary, "3") == {"k16 B-A pixel_dice >= +0.03, p < 0.05": True,
+                                                  "k16 B-A object_f1 >= +0.03, p < 0.05": True}
