@@ -543,14 +543,14 @@ def done_when(summary: Mapping[str, Any], version: str) -> dict[str, Any]:
     k16, k64 = summary.get(f"monuseg/k16/v{version}"), summary.get(f"monuseg/k64/v{version}")
     checks: dict[str, Any] = {}
     # A check whose arm was not trained (--arms) is left out rather than reported as failed.
-    if k16 and k16["arms"]["B"]:
+    if k16 and k16["arms"]["B"] is not None:
         for metric in ("pixel_dice", "object_f1"):
             d = k16["paired"]["B-A"][metric]
             checks[f"k16 B-A {metric} >= +0.03, p < 0.05"] = bool(d and d["mean"] >= 0.03 and d["p_paired_t"] < 0.05)
-    if k16 and k16["arms"]["C"]:
+    if k16 and k16["arms"]["C"] is not None:
         c = k16["paired"]["C-A"]["pixel_dice"]
         checks["k16 C within 0.05 Dice of A"] = bool(c and c["mean"] >= -0.05)
-    if k64 and k64["arms"]["B"]:
+    if k64 and k64["arms"]["B"] is not None:
         d = k64["paired"]["B-A"]["pixel_dice"]
         f = k64["paired"]["B-A"]["object_f1"]
         checks["k64 B >= A (Dice and object F1)"] = bool(d and f and d["mean"] >= 0 and f["mean"] >= 0)
