@@ -16,10 +16,13 @@ SINGLE_MODEL_TRAINERS = (*SUPERVISED_TRAINERS, "diffusion")
 
 
 def merge_configs(base: dict, override: dict) -> dict:
-    """Deep merge: mappings merge key by key, anything else in `override` replaces the base value."""
+    """Deep merge: mappings merge key by key, `null` deletes the base key (a later recipe drops what no longer
+    applies, e.g. an earlier version's card section), anything else in `override` replaces the base value."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge_configs(merged[key], value)
         else:
             merged[key] = value

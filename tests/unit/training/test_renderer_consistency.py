@@ -26,6 +26,8 @@ def test_merge_configs_merges_mappings_and_replaces_everything_else() -> None:
     merged = merge_configs(base, {"train": {"lr": 2}, "data": {"sources": [3]}})
     assert merged == {"train": {"lr": 2, "steps": 5}, "data": {"sources": [3]}, "name": "a"}
     assert base["train"]["lr"] == 1, "the base config is not modified"
+    assert merge_configs(base, {"train": {"steps": None}, "name": None}) == {"train": {"lr": 1},
+                                                                            "data": {"sources": [1, 2]}}
 
 
 def test_v3_config_extends_v2_and_keeps_its_data_and_export() -> None:
