@@ -33,7 +33,11 @@ def test_merge_configs_merges_mappings_and_replaces_everything_else() -> None:
 def test_v3_config_extends_v2_and_keeps_its_data_and_export() -> None:
     v2, v3 = load_config(CONFIGS / "renderer-he-nuclei.yaml"), load_config(CONFIGS / "renderer-he-nuclei-v3.yaml")
     assert "extends" not in v3 and v3["name"] == v2["name"]
-    assert v3["data"] == v2["data"] and v3["export"] == v2["export"] and v3["generator"] == v2["generator"]
+    assert v3["data"] == v2["data"] and v3["generator"] == v2["generator"]
+    # Same interface; only the card is v3's own (v2's benchmark sections deleted with `null`, not carried over).
+    assert {k: v for k, v in v3["export"].items() if k != "card"} == {k: v for k, v in v2["export"].items() if k != "card"}
+    assert all("(v3)" in section for section in v3["export"]["card"]["extra_sections"])
+    assert v3["export"]["card"]["title"] == v2["export"]["card"]["title"]
     assert v3["train"]["init_from"] == "renderer-he-nuclei-v2" and v3["train"]["precision"] == "bf16"
     assert len(v3["train"]["consistency"]["allowed_classes"]) == v2["data"]["num_classes"]
 
