@@ -373,6 +373,22 @@ def run_all(specs: Sequence[RunSpec], parallel: int) -> list[dict[str, Any]]:
 
 
 # ============================================================================================ statistics
+def paired_stats(other: Mapping[int, float], base: Mapping[int, float]) -> dict[str, Any] | None:
+    """other - base per seed: mean +- std, two-sided paired t-test, seeds where other is higher (None under 2 seeds).
+
+    Identical runs (all differences 0) have no difference to test: p = 1.
+    """
+    seeds = sorted(set(base) & set(other))
+    if len(seeds) < 2:
+        return None
+    diffs = [other[s] - base[s] for s in seeds]
+    p = 1.0
+    if any(diffs):
+        test = scipy_stats.ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
+        p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
+    return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs))}
+
+
 def paired(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
            metric: str, subset: Sequence[int] | None = None) -> dict[str, Any] | None:
     """arm - A per seed, mean +- std and a two-sided paired t-test (None when fewer than 2 seeds pair)."""
@@ -382,13 +398,7 @@ def paired(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str,
     base = {r["seed"]: score(r) for r in results if (r["dataset"], r["k"], r["arm"]) == (dataset, k, "A")}
     other = {r["seed"]: score(r) for r in results
              if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, version)}
-    seeds = sorted(set(base) & set(other))
-    if len(seeds) < 2:
-        return None
-    diffs = [other[s] - base[s] for s in seeds]
-    test = scipy_stats.ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
-    p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
-    return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs))}
+    return paired_stats(other, base)
 
 
 def paired_variant(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, label: str,
@@ -402,17 +412,11 @@ def paired_variant(results: Sequence[Mapping[str, Any]], dataset: str, k: int, a
         return {r["seed"]: scores(r["counts"])[metric] for r in results
                 if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, name)}
     base, other = per_seed(version), per_seed(label)
-    seeds = sorted(set(base) & set(other))
-    if len(seeds) < 2:
+    stats = paired_stats(other, base)
+    if stats is None:
         return None
-    diffs = [other[s] - base[s] for s in seeds]
-    if any(diffs):
-        test = scipy_stats.ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
-        p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
-    else:
-        p = 1.0  # identical runs: no difference to test
-    return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs)),
-            "fp32": mean_std([base[s] for s in seeds]), "variant": mean_std([other[s] for s in seeds])}
+    return {**stats, "fp32": mean_std([base[s] for s in stats["seeds"]]),
+            "variant": mean_std([other[s] for s in stats["seeds"]])}
 
 
 def real_data_gain(results: Sequence[Mapping[str, Any]], dataset: str, k_small: int, k_large: int,
@@ -425,14 +429,7 @@ def real_data_gain(results: Sequence[Mapping[str, Any]], dataset: str, k_small: 
     def per_seed(k: int) -> dict[int, float]:
         return {r["seed"]: scores(r["counts"])[metric] for r in results
                 if (r["dataset"], r["k"], r["arm"]) == (dataset, k, "A")}
-    small, large = per_seed(k_small), per_seed(k_large)
-    seeds = sorted(set(small) & set(large))
-    if len(seeds) < 2:
-        return None
-    diffs = [large[s] - small[s] for s in seeds]
-    test = scipy_stats.ttest_rel([large[s] for s in seeds], [small[s] for s in seeds])
-    p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
-    return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs))}
+    return paired_stats(per_seed(k_large), per_seed(k_small))
 
 
 def arm_scores(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
