@@ -10,7 +10,9 @@ install in two and checks each half:
   into a venv made with ``python -m venv --without-pip`` (pip runs from the dev venv with ``--python``).
   That venv sees nothing of the checkout: it runs from a temporary directory, with no PYTHONPATH, so every
   import of ``services``/``clients`` must come from the wheel, and a file the wheel lacks (a spec, a
-  generated stub) fails here as it would for a user;
+  generated stub) fails here as it would for a user. The wheel installs one top-level import package,
+  ``histosynth`` (``histosynth/services``, ``histosynth/clients``, ``histosynth/training``); ``services`` and
+  the others exist only as aliases that ``import histosynth`` installs (histosynth/__init__.py);
 * the dependencies: a ``.pth`` file added after the install puts the dev venv's site-packages (the locked
   versions) behind the new venv's own. The wheel's own Requires-Dist (base install + ``serve`` extra) must
   be met by them, and every third-party module that importing the served code pulls in must belong to a
@@ -43,8 +45,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_STORE = REPO_ROOT / "model_store"
-# What the wheel is built from: the packaging file and the three top-level packages (no tests, no models).
-SOURCES = ("pyproject.toml", "services", "clients", "training")
+# What the wheel is built from: the packaging file, the `histosynth` package and the three top-level packages it
+# installs as histosynth.services, histosynth.clients and histosynth.training (no tests, no models).
+SOURCES = ("pyproject.toml", "histosynth", "services", "clients", "training")
+SUBPACKAGES = ("services", "clients", "training")
 SERVE_TIMEOUT_S = 120.0
 SERVE_ALL = {"refinement", "rendering", "generation", "scoring"}
 # Imports in services/ and clients/ that histosynth[serve] may lack: each sits in a function behind a
@@ -137,16 +141,40 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> Install:
 def test_wheel_carries_what_serving_reads_at_run_time(install: Install) -> None:
     names = set(zipfile.ZipFile(install.wheel).namelist())
     for spec in (REPO_ROOT / "clients" / "specs").glob("*.yaml"):
-        assert f"clients/specs/{spec.name}" in names
+        assert f"histosynth/clients/specs/{spec.name}" in names
     for config in (REPO_ROOT / "training" / "configs").glob("*.yaml"):
-        assert f"training/configs/{config.name}" in names
-    generated = [path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "services" / "_generated").rglob("*")
-                 if path.suffix in (".py", ".pyi")]
+        assert f"histosynth/training/configs/{config.name}" in names
+    generated = [f"histosynth/{path.relative_to(REPO_ROOT).as_posix()}"
+                 for path in (REPO_ROOT / "services" / "_generated").rglob("*") if path.suffix in (".py", ".pyi")]
     assert generated and set(generated) <= names
-    assert not any(name.startswith(("tests/", "model_store/", "bench/")) for name in names)
     metadata = zipfile.ZipFile(install.wheel).read(
         next(name for name in names if name.endswith(".dist-info/METADATA"))).decode()
     assert "Provides-Extra: serve" in metadata and "Provides-Extra: augment" in metadata
+
+
+def test_wheel_installs_one_top_level_package(install: Install) -> None:
+    """Only `histosynth/` (and the .dist-info) in site-packages; every package of the checkout is inside it."""
+    wheel = zipfile.ZipFile(install.wheel)
+    names = set(wheel.namelist())
+    assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"histosynth"}
+    top_level = next(name for name in names if name.endswith(".dist-info/top_level.txt"))
+    assert wheel.read(top_level).decode().split() == ["histosynth"]
+    # pyproject.toml lists the packages by hand (a mapped directory cannot be found): none may be missing.
+    packages = [init.relative_to(REPO_ROOT).as_posix() for name in SUBPACKAGES
+                for init in (REPO_ROOT / name).rglob("__init__.py") if "__pycache__" not in init.parts]
+    assert packages and not [path for path in packages if f"histosynth/{path}" not in names]
+    entry_points = wheel.read(top_level.replace("top_level.txt", "entry_points.txt")).decode()
+    assert "histosynth = histosynth.clients.cli:main" in entry_points
+    for name in SUBPACKAGES:  # no generic top-level names: they exist only as aliases after `import histosynth`
+        done = install.python_code(f"import {name}")
+        assert done.returncode == 1 and f"No module named '{name}'" in done.stderr, done.stderr
+    done = install.python_code(
+        "import histosynth, services.core.model_store as short, histosynth.services.core.model_store as long;"
+        "import clients.cli, histosynth.clients.cli; print(short is long, clients.cli is histosynth.clients.cli)")
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr
+    help_text = subprocess.run([str(install.python), "-m", "histosynth", "--help"], cwd=install.outside,
+                               env=install.env, capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: histosynth"), help_text.stderr
 
 
 def test_installed_code_comes_from_the_wheel_and_its_requirements_are_met(install: Install) -> None:
@@ -156,7 +184,8 @@ import ast, importlib, importlib.metadata as md, json, pkgutil, sys
 from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-import clients, clients.cli, services
+import histosynth
+import histosynth.clients as clients, histosynth.clients.cli, histosynth.services as services
 site = Path(sys.argv[1])
 problems, allowed, seen = [], set(), set()
 stack = [(md.Distribution.at(next(site.glob("histosynth-*.dist-info"))), ("serve",))]
@@ -189,7 +218,7 @@ for package in (services, clients):  # every module must import here, and every 
                 imported.add(node.module.split(".")[0])
 owners = md.packages_distributions()
 optional = set(json.loads(sys.argv[2]))
-for name in sorted(imported - set(sys.stdlib_module_names) - {"services", "clients"} - optional):
+for name in sorted(imported - set(sys.stdlib_module_names) - {"histosynth", "services", "clients"} - optional):
     dists = {canonicalize_name(d) for d in owners.get(name, [])}
     if not dists & allowed:
         problems.append(f"the code imports {name} (distribution {sorted(dists) or 'not installed'}), "
@@ -279,8 +308,8 @@ import io, json, sys
 import grpc, numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-import clients.client
-from clients.client import HistosynthClient
+import histosynth.clients.client
+from histosynth.clients.client import HistosynthClient
 address = sys.argv[1]
 with grpc.insecure_channel(address) as channel:
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
@@ -294,7 +323,7 @@ Image.fromarray(image[0]).save(buffer, format="PNG")
 png = buffer.getvalue()
 print(json.dumps({"health": int(health.status), "shape": list(image.shape), "dtype": str(image.dtype),
                   "std": float(image.std()), "png": png[:8].hex(), "model": out.model.name,
-                  "client": clients.client.__file__}))
+                  "client": histosynth.clients.client.__file__}))
 """
     done = install.python_code(code, served["rendering"], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
