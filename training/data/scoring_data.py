@@ -19,6 +19,7 @@ import numpy as np
 from training.data.augment import paired_augment
 from training.data.benchmark_split import held_back_groups
 from training.data.derived_labels import tissue_gland_class_map
+from training.data.instance_targets import NUCLEUS_BOUNDARY_CLASSES, three_class_target
 from training.data.shared_layout import (
     PatchRecord,
     Record,
@@ -191,6 +192,14 @@ def _tissue_gland(dataset: str, sample: Sample) -> np.ndarray:
     return tissue_gland_class_map(sample.image, sample.class_map)
 
 
+def _nucleus_boundary(dataset: str, sample: Sample) -> np.ndarray:
+    """The downstream benchmark's 3-class target, from the WHOLE image's instance map (the sampler crops it
+    afterwards, so a nucleus cut by the crop keeps the boundary it has with a neighbour outside the crop)."""
+    if sample.instances is None:
+        raise ValueError(f"scheme nuclei_boundary needs instance maps; a {dataset} record has none")
+    return three_class_target(sample.instances)
+
+
 SEGMENTATION_SCHEMES: dict[str, SegmentationScheme] = {
     # CoNSeP's 5 classes; MoNuSeg nuclei are untyped -> trained as "any of 1..4" (renderer-he-nuclei's class 5).
     "he_nuclei": SegmentationScheme(
@@ -198,6 +207,11 @@ SEGMENTATION_SCHEMES: dict[str, SegmentationScheme] = {
         class_names=("background", "other", "inflammatory", "epithelial", "spindle"),
         datasets=("consep", "monuseg"), derive=_class_map,
         partial_foreground=("monuseg",), foreground_classes=(1, 2, 3, 4)),
+    # Instance boundaries (issue #17): background / interior / inner boundary of each nucleus, as the downstream
+    # benchmark's segmenter is trained (instance_targets.three_class_target); both datasets are fully labelled.
+    "nuclei_boundary": SegmentationScheme(
+        name="nuclei_boundary", class_names=NUCLEUS_BOUNDARY_CLASSES, datasets=("consep", "monuseg"),
+        derive=_nucleus_boundary),
     # renderer-he-glands' derived 3-class map (training/data/derived_labels.py).
     "he_glands": SegmentationScheme(
         name="he_glands", class_names=("non-tissue", "stroma", "gland"), datasets=("glas",), derive=_tissue_gland),

@@ -12,18 +12,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import expand_labels, find_boundaries
+from skimage.segmentation import expand_labels
 
-BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+# The target's definition lives with the data code, which the frozen boundary segmenter and the renderer's
+# boundary-consistency loss share; re-exported here for the benchmark's callers.
+from training.data.instance_targets import BACKGROUND, BOUNDARY, INTERIOR, three_class_target
+
 MIN_OBJECT_PIXELS = 16  # smaller predicted fragments are noise at 40x (a nucleus is ~100-600 px)
 GROW_PIXELS = 3  # boundary class is 1-2 px wide; interiors are grown this far, inside the predicted nucleus
-
-
-def three_class_target(instances: np.ndarray) -> np.ndarray:
-    """uint8 H x W: 0 background, 1 nucleus interior, 2 the inner boundary of each instance."""
-    target = (instances > 0).astype(np.uint8)
-    target[find_boundaries(instances, mode="inner") & (instances > 0)] = BOUNDARY
-    return target
 
 
 def instances_from_prediction(prediction: np.ndarray) -> np.ndarray:
@@ -115,3 +111,7 @@ def scores(counts: list[ImageCounts] | list[dict[str, int]]) -> dict[str, float]
     f1 = 2 * total["objects_matched"] / max(1, total["objects_predicted"] + total["objects_true"])
     aji = float(np.mean([row["aji_intersection"] / max(1, row["aji_union"]) for row in rows]))
     return {"pixel_dice": float(dice), "object_f1": float(f1), "aji": aji}
+
+
+__all__ = ["BACKGROUND", "BOUNDARY", "GROW_PIXELS", "INTERIOR", "MIN_OBJECT_PIXELS", "ImageCounts", "image_counts",
+           "instances_from_prediction", "scores", "three_class_target"]
