@@ -64,3 +64,22 @@ def mask_consistency_loss(logits: torch.Tensor, class_map: torch.Tensor,
     per_pixel_mask = membership[class_map.long()].permute(0, 3, 1, 2)  # [B, S, H, W], 0 or -inf
     log_p = torch.logsumexp(log_probs + per_pixel_mask, dim=1)
     return -log_p.mean()
+
+
+def boundary_consistency_loss(logits: torch.Tensor, target: torch.Tensor, boundary_weight: float = 2.0) -> torch.Tensor:
+    """Boundary-weighted cross-entropy of a frozen 3-class nucleus segmenter run on a render.
+
+    `logits` [B, 3, H, W] come from a segmenter trained on real tiles to predict background / nucleus interior /
+    inner boundary of each instance (scheme `nuclei_boundary`); `target` [B, H, W] is that 3-class map of the mask
+    the render was conditioned on (training/data/instance_targets.three_class_target). Why: the type-class
+    mask_consistency_loss only asks nucleus pixels to look like nucleus, so two touching nuclei may render as one
+    blob; a downstream segmenter trained on such renders learns weak boundaries and merges touching nuclei (higher
+    pixel Dice, lower object F1 / AJI on the benchmark). Here the render must show the separation the instance map
+    says is there. Class weights (1, 1, boundary_weight) with the weighted mean sum(w * nll) / sum(w) are exactly
+    the downstream segmenter's loss (boundary weight 2, training/experiments/downstream.py), so the renderer is
+    scored as the benchmark's segmenter will learn from it.
+    """
+    if logits.shape[1] != 3:
+        raise ValueError(f"boundary_consistency_loss expects 3-class logits, got {logits.shape[1]} classes")
+    weights = torch.tensor([1.0, 1.0, float(boundary_weight)], device=logits.device)
+    return F.cross_entropy(logits.float(), target.long(), weight=weights)

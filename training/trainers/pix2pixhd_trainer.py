@@ -8,7 +8,8 @@ class_remap into the model's class list and its own virtual epoch length (to bal
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from training.data.datasets import MaskToImageDataset, PolygonMaskDataset
 from training.data.derived_labels import TissueGlandDataset
 from training.data.benchmark_split import held_back_groups
 from training.data.shared_layout import load_records, split_records
-from training.losses import feature_matching_loss, lsgan_loss, mask_consistency_loss
+from training.data.instance_targets import BACKGROUND, BOUNDARY, INTERIOR
+from training.losses import boundary_consistency_loss, feature_matching_loss, lsgan_loss, mask_consistency_loss
 from training.models.pix2pixhd_global import GlobalGenerator, MultiscaleDiscriminator
 from training.models.tissue_segmenter import TissueSegmenter
 from training.trainers.base import CHECKPOINT_NAME, GanTrainer, to_uint8_image
@@ -27,6 +29,38 @@ from training.trainers.pix2pix_trainer import set_requires_grad
 
 # "derive" key of a data source -> dataset class (how its class map is built)
 DATASET_KINDS = {"mask": MaskToImageDataset, "tissue_gland": TissueGlandDataset, "polygon": PolygonMaskDataset}
+
+
+# train.consistency term kind -> the key its loss is logged under (g_seg: v3's name for the type term)
+CONSISTENCY_KINDS = {"type": "g_seg", "boundary": "g_boundary"}
+
+
+@dataclass
+class ConsistencyTerm:
+    """One frozen-segmenter loss on the render: kind (CONSISTENCY_KINDS), the segmenter, its weight in G's loss
+    and kind-specific options (type: allowed; boundary: boundary_weight)."""
+
+    kind: str
+    segmenter: TissueSegmenter
+    weight: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def boundary_target(class_map: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """int64 [B, H, W] background / interior / inner boundary from the renderer input: nucleus = class > 0,
+    boundary = nucleus pixels on the instance-edge channel (mask_ops.instance_edges of the crop).
+
+    Equals instance_targets.three_class_target(instances of the crop) whenever class > 0 exactly where an instance
+    is: instance_edges marks both pixels of every 4-neighbour pair with different ids, so on nucleus pixels it is
+    find_boundaries(mode="inner"), and neither marks the crop border. (On the shared CoNSeP and MoNuSeg data the
+    class and instance foregrounds agree pixel for pixel.) The downstream benchmark builds its target the same way,
+    from crops of the instance map.
+    """
+    nucleus = class_map > 0
+    target = torch.full_like(class_map, BACKGROUND, dtype=torch.long)
+    target[nucleus] = INTERIOR
+    target[nucleus & (edges > 0)] = BOUNDARY
+    return target
 
 
 def input_channels(config: Mapping[str, Any]) -> int:
@@ -83,28 +117,59 @@ class Pix2PixHDTrainer(GanTrainer):
         self.discriminator = MultiscaleDiscriminator(in_channels=input_channels(self.config) + 3,
                                                      **self.config["discriminator"])
         self.lambda_feat = float(self.train_cfg.get("lambda_feat", 10.0))
-        self.consistency = self._consistency_segmenter(self.train_cfg.get("consistency"))
+        self.consistency = self._consistency_terms(self.train_cfg.get("consistency"))
 
-    def _consistency_segmenter(self, settings: Mapping[str, Any] | None) -> tuple[TissueSegmenter, list, float] | None:
-        """`train.consistency: {segmenter_run, weight, allowed_classes}`: a frozen segmenter (a finished run in
-        the same runs dir, trained with the benchmark held back) whose loss on the render pulls nuclei where the
-        mask puts them. allowed_classes[c] lists the segmenter classes that count as renderer class c."""
+    def _consistency_terms(self, settings: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+                           ) -> list[ConsistencyTerm]:
+        """`train.consistency`: one term (a mapping, v3's form) or a list of terms, each a frozen segmenter (a
+        finished run in the same runs dir, trained with the benchmark held back) whose loss on the render is added
+        to G's loss with `weight`. `kind` (default "type"):
+          type:     {segmenter_run, weight, allowed_classes}: mask_consistency_loss; allowed_classes[c] lists the
+                    segmenter classes that count as renderer class c. Logged as g_seg.
+          boundary: {segmenter_run, weight, boundary_weight (2)}: boundary_consistency_loss of a `nuclei_boundary`
+                    segmenter against the mask's background / interior / inner-boundary map, built from the
+                    renderer input's instance-edge channel (boundary_target). Logged as g_boundary.
+        """
         if not settings:
-            return None
+            return []
+        terms = [settings] if isinstance(settings, Mapping) else list(settings)
+        built: list[ConsistencyTerm] = []
+        for term in terms:
+            kind = str(term.get("kind", "type"))
+            if kind not in CONSISTENCY_KINDS:
+                raise ValueError(f"train.consistency kind {kind!r}; valid kinds: {sorted(CONSISTENCY_KINDS)}")
+            if any(t.kind == kind for t in built):
+                raise ValueError(f"train.consistency has two {kind!r} terms; one term per kind")
+            segmenter, scheme = self._frozen_segmenter(str(term["segmenter_run"]))
+            if kind == "type":
+                allowed = [list(map(int, c)) for c in term["allowed_classes"]]
+                if len(allowed) != self.num_classes:
+                    raise ValueError(f"train.consistency.allowed_classes has {len(allowed)} entries for "
+                                     f"{self.num_classes} renderer classes")
+                options: dict[str, Any] = {"allowed": allowed}
+            else:
+                if scheme != "nuclei_boundary":
+                    raise ValueError(f"train.consistency boundary term: segmenter run {term['segmenter_run']!r} has "
+                                     f"scheme {scheme!r}; it needs a nuclei_boundary segmenter")
+                if not self.config["data"].get("use_edges"):
+                    raise ValueError("train.consistency boundary term needs data.use_edges: its target is built "
+                                     "from the instance-edge channel")
+                options = {"boundary_weight": float(term.get("boundary_weight", 2.0))}
+            built.append(ConsistencyTerm(kind, segmenter, float(term.get("weight", 1.0)), options))
+        return built
+
+    def _frozen_segmenter(self, run: str) -> tuple[TissueSegmenter, str]:
+        """(frozen segmenter, its scheme name) from <runs>/<run>/latest.pt."""
         from training.trainers.scoring_trainers import build_segmenter  # torch-heavy; only configs that use it
 
-        path = self.out_dir.parent / str(settings["segmenter_run"]) / CHECKPOINT_NAME
+        path = self.out_dir.parent / run / CHECKPOINT_NAME
         if not path.is_file():
             raise FileNotFoundError(f"train.consistency.segmenter_run: {path} does not exist; train it first")
         payload = torch.load(path, map_location="cpu", weights_only=False)
         segmenter = build_segmenter(payload["config"])
         segmenter.load_state_dict(payload["model"])
         segmenter.eval().requires_grad_(False)
-        allowed = [list(map(int, c)) for c in settings["allowed_classes"]]
-        if len(allowed) != self.num_classes:
-            raise ValueError(f"train.consistency.allowed_classes has {len(allowed)} entries for "
-                             f"{self.num_classes} renderer classes")
-        return segmenter, allowed, float(settings.get("weight", 1.0))
+        return segmenter, str(payload["config"]["data"]["scheme"])
 
     def generator_input(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch["label"]
@@ -134,14 +199,19 @@ class Pix2PixHDTrainer(GanTrainer):
         losses = {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item(), "g_gan": loss_g_gan.item(),
                   "g_fm": loss_g_fm.item()}
         loss_g = loss_g_gan + loss_g_fm
-        if self.consistency is not None:
-            segmenter, allowed, weight = self.consistency
+        if self.consistency:
             class_map = label[:, :self.num_classes].argmax(1)
+            rgb = (fake.float() + 1.0) * 127.5  # the segmenters take RGB in [0, 255]
+        for term in self.consistency:
             with self.autocast():
-                logits = segmenter((fake.float() + 1.0) * 127.5)  # the segmenter takes RGB in [0, 255]
-            loss_seg = mask_consistency_loss(logits, class_map, allowed)
-            loss_g = loss_g + weight * loss_seg
-            losses["g_seg"] = loss_seg.item()
+                logits = term.segmenter(rgb)
+            if term.kind == "type":
+                loss_term = mask_consistency_loss(logits, class_map, term.options["allowed"])
+            else:
+                target = boundary_target(class_map, label[:, -1])  # edges are the input's last channel
+                loss_term = boundary_consistency_loss(logits, target, term.options["boundary_weight"])
+            loss_g = loss_g + term.weight * loss_term
+            losses[CONSISTENCY_KINDS[term.kind]] = loss_term.item()
         loss_g.backward()
         self.opt_g.step()
         return losses

@@ -1,0 +1,196 @@
+"""The boundary-consistency lever (issue #17): the `nuclei_boundary` segmenter scheme, the renderer's boundary target
+and loss, `train.consistency` as a list of terms, and the renderer-he-nuclei-boundary recipe run for real on the
+fixture data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+
+from services.core import mask_ops  # noqa: E402
+from tests.unit.training.test_training_pipeline import FIXTURE_DATA, tiny_config, write_config  # noqa: E402
+from training.data.augment import paired_augment  # noqa: E402
+from training.data.datasets import MaskToImageDataset, _item_rng  # noqa: E402
+from training.data.instance_targets import BOUNDARY, INTERIOR, three_class_target  # noqa: E402
+from training.data.scoring_data import (  # noqa: E402
+    SegmenterBatchSampler, load_scheme_records, segmentation_scheme)
+from training.data.shared_layout import load_records, load_sample  # noqa: E402
+from training.losses import boundary_consistency_loss  # noqa: E402
+from training.train import load_config, main as train_main  # noqa: E402
+from training.trainers import get_trainer  # noqa: E402
+from training.trainers.pix2pixhd_trainer import boundary_target  # noqa: E402
+
+pytestmark = pytest.mark.torch
+CONFIGS = Path(__file__).resolve().parents[3] / "training" / "configs"
+
+# two touching 3 x 3 nuclei (ids 1, 2) and a lone pixel nucleus (3) in a 5 x 8 tile
+TOUCHING = np.array([
+    [0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 1, 1, 1, 2, 2, 2, 0],
+    [0, 1, 1, 1, 2, 2, 2, 0],
+    [0, 1, 1, 1, 2, 2, 2, 0],
+    [0, 0, 0, 0, 0, 0, 0, 3],
+], np.uint16)
+TOUCHING_TARGET = np.array([  # inner rims; the touching columns 3 and 4 are boundary on both sides
+    [0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 2, 2, 2, 2, 2, 2, 0],
+    [0, 2, 1, 2, 2, 1, 2, 0],
+    [0, 2, 2, 2, 2, 2, 2, 0],
+    [0, 0, 0, 0, 0, 0, 0, 2],
+], np.uint8)
+
+
+def train_fixture_segmenter(runs: Path, name: str) -> Path:
+    """A 2-step, tiny version of training/configs/<name>.yaml on the fixture data, in <runs>/<name>."""
+    config = load_config(CONFIGS / f"{name}.yaml")
+    config["model"] = {"base_channels": 4, "depth": 2}
+    config["train"].update(batch_size=2, num_threads=2, checkpoint_every=2, log_every=1)
+    get_trainer("segmenter")(config, runs / name, FIXTURE_DATA, steps=2).fit()
+    return runs / name
+
+
+# ----------------------------------------------------------------------------------------------- targets
+def test_three_class_target_marks_the_inner_rim_of_each_instance() -> None:
+    np.testing.assert_array_equal(three_class_target(TOUCHING), TOUCHING_TARGET)
+
+
+def test_nuclei_boundary_scheme_target_is_three_class_target_of_the_fixture_instance_maps() -> None:
+    scheme = segmentation_scheme("nuclei_boundary")
+    assert scheme.class_names == ("background", "interior", "boundary") and not scheme.partial_foreground
+    records = load_scheme_records(FIXTURE_DATA, scheme)
+    assert {r.dataset for r in records} == {"consep", "monuseg"}
+    for record in records:
+        sample = load_sample(record)
+        target = scheme.derive(record.dataset, sample)
+        np.testing.assert_array_equal(target, three_class_target(sample.instances))
+        assert set(np.unique(target)) == {0, INTERIOR, BOUNDARY}, record.image_path
+
+    _, targets, partial = SegmenterBatchSampler(records, scheme, batch_size=4, crop=64, seed=0).batch(0)
+    assert targets.shape == (4, 64, 64) and set(np.unique(targets)) <= {0, 1, 2} and not partial.any()
+
+
+def test_boundary_target_from_the_edge_channel_is_three_class_target() -> None:
+    class_map = np.where(TOUCHING > 0, 5, 0).astype(np.uint8)  # untyped nuclei: renderer class 5
+    label = mask_ops.build_generator_input(class_map, 6, None, mask_ops.instance_edges(TOUCHING))
+    label_t = torch.from_numpy(label)[None]
+    target = boundary_target(label_t[:, :6].argmax(1), label_t[:, -1])
+    np.testing.assert_array_equal(target[0].numpy(), TOUCHING_TARGET)
+
+
+@pytest.mark.parametrize("dataset", ["consep", "monuseg"])
+def test_boundary_target_of_renderer_items_equals_three_class_target_of_the_crop(dataset: str) -> None:
+    """What the trainer sees: the dataset's item (crop, flip, rot90, class remap, noise, edges) gives the same
+    target as three_class_target of the identically augmented instance map."""
+    records = load_records(FIXTURE_DATA, dataset)
+    remap = {1: 5} if dataset == "monuseg" else {}
+    items = MaskToImageDataset(records, crop=64, num_classes=6, class_remap=remap, noise_spacing=15.0,
+                               use_edges=True, seed=3, length=2 * len(records))
+    for index in range(len(items)):
+        label = items[index]["label"][None]
+        target = boundary_target(label[:, :6].argmax(1), label[:, -1])[0].numpy()
+        sample = load_sample(records[index % len(records)])
+        rng, _ = _item_rng(3, 0, index)
+        *_, instances = paired_augment([sample.image, sample.class_map, sample.instances], 64, rng)
+        np.testing.assert_array_equal(target, three_class_target(instances))
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def test_boundary_loss_is_the_boundary_weighted_mean_cross_entropy() -> None:
+    # 3 pixels with class probabilities p; targets background, interior, boundary
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.4, 0.4]])
+    logits = torch.log(p).T.reshape(1, 3, 1, 3)
+    target = torch.tensor([[[0, 1, 2]]])
+    expected = (-math.log(0.7) - math.log(0.6) - 2 * math.log(0.4)) / (1 + 1 + 2)
+    assert math.isclose(boundary_consistency_loss(logits, target).item(), expected, rel_tol=1e-6)
+    plain = (-math.log(0.7) - math.log(0.6) - math.log(0.4)) / 3
+    assert math.isclose(boundary_consistency_loss(logits, target, boundary_weight=1.0).item(), plain, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="3-class"):
+        boundary_consistency_loss(torch.zeros(1, 5, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long))
+
+
+def test_boundary_loss_gradient_raises_the_boundary_logit_on_boundary_pixels() -> None:
+    logits = torch.zeros(1, 3, 1, 2, requires_grad=True)
+    boundary_consistency_loss(logits, torch.tensor([[[1, 2]]])).backward()
+    grad = logits.grad[0, :, 0]
+    assert grad[1, 0] < 0 and grad[2, 1] < 0, "raising the target logit lowers the loss"
+    assert abs(grad[2, 1]) > abs(grad[1, 0]), "a boundary pixel pulls twice as hard"
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def test_boundary_config_is_v3_plus_a_boundary_term() -> None:
+    v3 = load_config(CONFIGS / "renderer-he-nuclei-v3.yaml")
+    candidate = load_config(CONFIGS / "renderer-he-nuclei-boundary.yaml")
+    assert candidate["data"] == v3["data"] and candidate["generator"] == v3["generator"]
+    assert candidate["train"]["init_from"] == "renderer-he-nuclei-v3"
+    assert candidate["train"]["lr"] == 1.0e-4 and candidate["train"]["steps"] == 30000
+    type_term, boundary_term = candidate["train"]["consistency"]
+    assert {k: v for k, v in type_term.items() if k != "kind"} == v3["train"]["consistency"]
+    assert boundary_term["kind"] == "boundary" and boundary_term["segmenter_run"] == "segmenter-he-nuclei-boundary"
+    assert boundary_term["boundary_weight"] == 2.0 and boundary_term["weight"] > 0
+    assert not any("(v3)" in section for section in candidate["export"]["card"].get("extra_sections", {}))
+    segmenter = load_config(CONFIGS / "segmenter-he-nuclei-boundary.yaml")
+    consistency = load_config(CONFIGS / "segmenter-he-nuclei-consistency.yaml")
+    assert segmenter["data"]["scheme"] == "nuclei_boundary" and segmenter["data"]["held_back"] == "benchmark"
+    assert {k: v for k, v in segmenter["data"].items() if k != "scheme"} == \
+        {k: v for k, v in consistency["data"].items() if k != "scheme"}
+
+
+def test_consistency_list_builds_both_terms_and_the_mapping_form_still_builds_one(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    train_fixture_segmenter(runs, "segmenter-he-nuclei-consistency")
+    train_fixture_segmenter(runs, "segmenter-he-nuclei-boundary")
+    trainer_class = get_trainer("pix2pixhd")
+
+    config = tiny_config("renderer-he-nuclei-boundary")
+    trainer = trainer_class(config, runs / "candidate", FIXTURE_DATA)
+    type_term, boundary_term = trainer.consistency
+    assert (type_term.kind, type_term.weight) == ("type", 5.0)
+    assert type_term.options["allowed"] == config["train"]["consistency"][0]["allowed_classes"]
+    assert boundary_term.kind == "boundary" and boundary_term.options == {"boundary_weight": 2.0}
+    assert boundary_term.weight == config["train"]["consistency"][1]["weight"]
+    assert boundary_term.segmenter.config.num_classes == 3
+    assert not any(p.requires_grad for term in trainer.consistency for p in term.segmenter.parameters())
+
+    v3 = tiny_config("renderer-he-nuclei-v3")
+    (term,) = trainer_class(v3, runs / "v3", FIXTURE_DATA).consistency
+    assert term.kind == "type" and term.weight == 5.0
+
+    # a boundary term on the type segmenter, or two terms of one kind, are refused
+    wrong = tiny_config("renderer-he-nuclei-boundary")
+    wrong["train"]["consistency"][1]["segmenter_run"] = "segmenter-he-nuclei-consistency"
+    with pytest.raises(ValueError, match="nuclei_boundary"):
+        trainer_class(wrong, runs / "wrong", FIXTURE_DATA)
+    twice = tiny_config("renderer-he-nuclei-boundary")
+    twice["train"]["consistency"][1] = dict(twice["train"]["consistency"][0])
+    with pytest.raises(ValueError, match="one term per kind"):
+        trainer_class(twice, runs / "twice", FIXTURE_DATA)
+
+
+def test_boundary_recipe_warm_starts_and_trains_two_steps_with_both_terms(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    train_fixture_segmenter(runs, "segmenter-he-nuclei-consistency")
+    train_fixture_segmenter(runs, "segmenter-he-nuclei-boundary")
+    # the run the candidate starts from (a tiny renderer under v3's run name)
+    train_main(["--config", str(write_config(tmp_path, tiny_config("renderer-he-nuclei"))),
+                "--data-root", str(FIXTURE_DATA), "--out", str(runs / "renderer-he-nuclei-v3")])
+
+    candidate = tiny_config("renderer-he-nuclei-boundary")
+    path = tmp_path / "candidate" / "renderer-he-nuclei.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(candidate, sort_keys=False))
+    out = runs / "renderer-he-nuclei-boundary"
+    train_main(["--config", str(path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert {"event": "warm_started", "from": str(runs / "renderer-he-nuclei-v3" / "latest.pt")} in records
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["g_seg"]) and math.isfinite(r["g_boundary"]) and r["g_boundary"] > 0 for r in steps)
+    assert torch.load(out / "latest.pt", map_location="cpu", weights_only=False)["step"] == 2
