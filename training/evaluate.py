@@ -121,10 +121,18 @@ class Source:
 @dataclass(frozen=True)
 class HeldBack:
     crop: int
-    fractions: tuple[float, float, float]
+    fractions: tuple[float, float, float]  # the config's shared fractions
     split_seed: int
     sources: tuple[Source, ...]
     records: tuple[tuple[Record, ...], ...]  # test records per source
+    # What each source was actually split by where it overrides the shared fractions (renderer v2+: 0.9/0.1/0
+    # with the benchmark tiles forced to test); empty when every source uses `fractions`.
+    source_fractions: tuple[tuple[str, tuple[float, ...]], ...] = ()
+
+    def split_description(self) -> list[float] | dict[str, list[float]]:
+        if not self.source_fractions:
+            return list(self.fractions)
+        return {dataset: list(fractions) for dataset, fractions in self.source_fractions}
 
     @property
     def groups(self) -> list[str]:
@@ -152,16 +160,21 @@ def held_back(manifest: ModelManifest, data_root: Path) -> HeldBack:
             for s in data["sources"]
         )
         # As the trainer splits (pix2pixhd_trainer): a source's own fractions and its forced held-back groups.
+        own = tuple((s.dataset, tuple(float(f) for f in raw.get("split_fractions", fractions)))
+                    for s, raw in zip(sources, data["sources"], strict=True))
         per_source = tuple(
-            tuple(split_records(load_records(data_root, s.dataset), tuple(float(f) for f in raw.get(
-                "split_fractions", fractions)), split_seed, held_back=held_back_groups(raw))["test"])
-            for s, raw in zip(sources, data["sources"], strict=True)
+            tuple(split_records(load_records(data_root, s.dataset), source_fractions,  # type: ignore[arg-type]
+                                split_seed, held_back=held_back_groups(raw))["test"])
+            for s, raw, (_, source_fractions) in zip(sources, data["sources"], own, strict=True)
         )
+        overrides = own if any(source_fractions != fractions for _, source_fractions in own) else ()
     else:  # pix2pix refiner: all datasets pooled, then split
         sources = (Source("+".join(data["datasets"]), "mask"),)
         pooled = [r for name in data["datasets"] for r in load_records(data_root, name)]
         per_source = (tuple(split_records(pooled, fractions, split_seed)["test"]),)
-    result = HeldBack(int(data["crop"]), fractions, split_seed, sources, per_source)  # type: ignore[arg-type]
+        overrides = ()
+    result = HeldBack(int(data["crop"]), fractions, split_seed, sources, per_source,  # type: ignore[arg-type]
+                      overrides)
     recorded = ((manifest.provenance.get("split") or {}).get("groups") or {}).get("test")
     if recorded is not None and sorted(recorded) != result.groups:
         raise ValueError(f"model {manifest.key}: recomputed test groups {result.groups} differ from the recorded "
@@ -235,7 +248,7 @@ def _held_back_summary(data_root: Path, held: HeldBack, crop_count: int, crop_se
     """Which held-back tiles and crops a result was computed on (shared by every model's report)."""
     return {
         "data_root": str(data_root),
-        "split": {"fractions": list(held.fractions), "seed": held.split_seed, "test_groups": held.groups},
+        "split": {"fractions": held.split_description(), "seed": held.split_seed, "test_groups": held.groups},
         "test_tiles": sum(len(r) for r in held.records),
         "test_tiles_per_source": {s.dataset: len(r) for s, r in zip(held.sources, held.records)},
         "crop": held.crop,

@@ -128,6 +128,10 @@ def test_held_back_split_follows_each_sources_fractions_and_benchmark_groups(sto
     held = evaluate.held_back(ModelStore(store).get(RENDERER_NAME), FIXTURE_DATA)
     assert held.groups == ["monuseg:TCGA-NH-A8F7"]  # the fixture's only benchmark patient; consep has no test tile
     assert held.records[1] == ()
+    # The report and card name the fractions each source was split by, not the unused shared ones.
+    assert held.split_description() == {"monuseg": [0.9, 0.1, 0.0], "consep": [0.9, 0.1, 0.0]}
+    shared = evaluate.held_back(ModelStore(store).get(REFINER_NAME), FIXTURE_DATA)
+    assert shared.split_description() == list(FRACTIONS)
 
 
 def test_scores_section_replaces_only_its_section() -> None:
