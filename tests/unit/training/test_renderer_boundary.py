@@ -4,18 +4,16 @@ fixture data."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 torch = pytest.importorskip("torch")
 
 from services.core import mask_ops  # noqa: E402
-from tests.unit.training.test_training_pipeline import FIXTURE_DATA, tiny_config, write_config  # noqa: E402
+from tests.unit.training.test_training_pipeline import FIXTURE_DATA, tiny_config  # noqa: E402
 from training.data.augment import paired_augment  # noqa: E402
 from training.data.datasets import MaskToImageDataset, _item_rng  # noqa: E402
 from training.data.instance_targets import BOUNDARY, INTERIOR, three_class_target  # noqa: E402
@@ -23,9 +21,10 @@ from training.data.scoring_data import (  # noqa: E402
     SegmenterBatchSampler, load_scheme_records, segmentation_scheme)
 from training.data.shared_layout import load_records, load_sample  # noqa: E402
 from training.losses import boundary_consistency_loss  # noqa: E402
-from training.train import load_config, main as train_main  # noqa: E402
+from training.train import load_config  # noqa: E402
 from training.trainers import get_trainer  # noqa: E402
 from training.trainers.pix2pixhd_trainer import boundary_target  # noqa: E402
+from tests.unit.training.renderer_recipes import train_fixture_segmenter, train_tiny_renderer  # noqa: E402
 
 pytestmark = pytest.mark.torch
 CONFIGS = Path(__file__).resolve().parents[3] / "training" / "configs"
@@ -45,15 +44,6 @@ TOUCHING_TARGET = np.array([  # inner rims; the touching columns 3 and 4 are bou
     [0, 2, 2, 2, 2, 2, 2, 0],
     [0, 0, 0, 0, 0, 0, 0, 2],
 ], np.uint8)
-
-
-def train_fixture_segmenter(runs: Path, name: str) -> Path:
-    """A 2-step, tiny version of training/configs/<name>.yaml on the fixture data, in <runs>/<name>."""
-    config = load_config(CONFIGS / f"{name}.yaml")
-    config["model"] = {"base_channels": 4, "depth": 2}
-    config["train"].update(batch_size=2, num_threads=2, checkpoint_every=2, log_every=1)
-    get_trainer("segmenter")(config, runs / name, FIXTURE_DATA, steps=2).fit()
-    return runs / name
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -178,19 +168,11 @@ def test_boundary_recipe_warm_starts_and_trains_two_steps_with_both_terms(tmp_pa
     train_fixture_segmenter(runs, "segmenter-he-nuclei-consistency")
     train_fixture_segmenter(runs, "segmenter-he-nuclei-boundary")
     # the run the candidate starts from (a tiny renderer under v3's run name)
-    train_main(["--config", str(write_config(tmp_path, tiny_config("renderer-he-nuclei"))),
-                "--data-root", str(FIXTURE_DATA), "--out", str(runs / "renderer-he-nuclei-v3")])
-
-    candidate = tiny_config("renderer-he-nuclei-boundary")
-    path = tmp_path / "candidate" / "renderer-he-nuclei.yaml"
-    path.parent.mkdir()
-    path.write_text(yaml.safe_dump(candidate, sort_keys=False))
-    out = runs / "renderer-he-nuclei-boundary"
-    train_main(["--config", str(path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
-
-    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    train_tiny_renderer(tmp_path, "renderer-he-nuclei", runs, "renderer-he-nuclei-v3")
+    records = train_tiny_renderer(tmp_path, "renderer-he-nuclei-boundary", runs, "renderer-he-nuclei-boundary")
     assert {"event": "warm_started", "from": str(runs / "renderer-he-nuclei-v3" / "latest.pt")} in records
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(math.isfinite(r["g_seg"]) and math.isfinite(r["g_boundary"]) and r["g_boundary"] > 0 for r in steps)
+    out = runs / "renderer-he-nuclei-boundary"
     assert torch.load(out / "latest.pt", map_location="cpu", weights_only=False)["step"] == 2

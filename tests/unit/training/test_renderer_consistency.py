@@ -3,19 +3,17 @@ frozen-segmenter mask-consistency loss (training/losses.py), each run for real o
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-import yaml
 
 torch = pytest.importorskip("torch")
 
 from tests.unit.training.test_training_pipeline import FIXTURE_DATA, tiny_config, write_config  # noqa: E402
 from training.losses import mask_consistency_loss  # noqa: E402
 from training.train import load_config, main as train_main, merge_configs  # noqa: E402
-from training.trainers import get_trainer  # noqa: E402
+from tests.unit.training.renderer_recipes import train_fixture_segmenter, train_tiny_renderer  # noqa: E402
 
 pytestmark = pytest.mark.torch
 CONFIGS = Path(__file__).resolve().parents[3] / "training" / "configs"
@@ -62,30 +60,15 @@ def test_consistency_loss_gradient_pulls_towards_the_mask() -> None:
 
 def test_v3_recipe_warm_starts_from_v2_and_trains_with_the_segmenter_loss(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    segmenter = load_config(CONFIGS / "segmenter-he-nuclei-consistency.yaml")
-    segmenter["model"] = {"base_channels": 4, "depth": 2}
-    segmenter["train"].update(batch_size=2, num_threads=2, checkpoint_every=2, log_every=1)
-    get_trainer("segmenter")(segmenter, runs / "segmenter-he-nuclei-consistency", FIXTURE_DATA, steps=2).fit()
-
-    v2 = tiny_config("renderer-he-nuclei")
-    train_main(["--config", str(write_config(tmp_path, v2)), "--data-root", str(FIXTURE_DATA),
-                "--out", str(runs / "renderer-he-nuclei-v2")])
-
-    v3 = tiny_config("renderer-he-nuclei-v3")
-    v3_path = tmp_path / "v3" / "renderer-he-nuclei.yaml"
-    v3_path.parent.mkdir()
-    v3_path.write_text(yaml.safe_dump(v3, sort_keys=False))
-    out = runs / "renderer-he-nuclei-v3"
-    train_main(["--config", str(v3_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
-
-    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    train_fixture_segmenter(runs, "segmenter-he-nuclei-consistency")
+    train_tiny_renderer(tmp_path, "renderer-he-nuclei", runs, "renderer-he-nuclei-v2")
+    records = train_tiny_renderer(tmp_path, "renderer-he-nuclei-v3", runs, "renderer-he-nuclei-v3")
     assert {"event": "warm_started", "from": str(runs / "renderer-he-nuclei-v2" / "latest.pt")} in records
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["g_seg"]) for r in steps)
 
     # resuming v3 continues v3 (its own checkpoint), it does not warm-start again
-    train_main(["--config", str(v3_path), "--data-root", str(FIXTURE_DATA), "--out", str(out), "--steps", "3"])
-    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    records = train_tiny_renderer(tmp_path, "renderer-he-nuclei-v3", runs, "renderer-he-nuclei-v3", "--steps", "3")
     assert sum(1 for r in records if r.get("event") == "warm_started") == 1
     assert {"event": "resumed", "step": 2} in records
 
