@@ -45,7 +45,7 @@ DEFAULT_EXTRACTOR: Final = "histology-encoder"
 INCEPTION_ALIAS: Final = "inception-fid"
 INCEPTION_BUILD_HINT: Final = (
     "build it from your own copy of the pytorch-fid InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth) "
-    "with `python -m training.export.fid_inception --weights <file.pth> --store-root <model store>` "
+    "with `python -m histosynth.training.export.fid_inception --weights <file.pth> --store-root <model store>` "
     "(training/export/fid_inception.py; it marks the published weights standard_fid: true), then retry"
 )
 Role = Literal["real", "synthetic"]
@@ -523,7 +523,7 @@ class ScoringPipeline:
             if model_name not in self.host.model_names() and model_name not in self.host.model_names(refresh=True):
                 raise ScoringPreconditionError(
                     f"the default feature extractor {model_name!r} is not in the model store "
-                    f"({self.host.store.root}); export it with `python -m training.export.scoring_models "
+                    f"({self.host.store.root}); export it with `python -m histosynth.training.export.scoring_models "
                     "--config training/configs/histology-encoder.yaml ...`, or name an encoder in "
                     f"options.extractor; available encoders: {await self.extractor_names()}"
                 )

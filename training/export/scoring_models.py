@@ -430,7 +430,7 @@ def export_checkpoint(checkpoint: Path, *, version: str, store_root: Path, data_
     config = payload["config"]
     if config["trainer"] not in EXPORTERS:
         raise ValueError(f"checkpoint {checkpoint} has trainer {config['trainer']!r}; this exporter handles "
-                         f"{sorted(EXPORTERS)} (GAN checkpoints: python -m training.export)")
+                         f"{sorted(EXPORTERS)} (GAN checkpoints: python -m histosynth.training.export)")
     build, export = EXPORTERS[config["trainer"]]
     model = build(config)
     model.load_state_dict(payload["model"])

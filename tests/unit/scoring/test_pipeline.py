@@ -236,6 +236,22 @@ async def test_missing_default_extractor_is_a_precondition(tmp_path: Path) -> No
         await host.stop()
 
 
+def test_build_hints_name_modules_that_exist_under_the_installed_package() -> None:
+    """The commands the scorer tells users to run must work from a wheel install (only `histosynth.*` is
+    importable there) as well as from a checkout, so they use the `histosynth.` spelling."""
+    import importlib.util
+    import re
+
+    from services.scoring import pipeline as pipeline_module
+
+    source = Path(pipeline_module.__file__).read_text()
+    modules = re.findall(r"python -m ([\w.]+)", source)
+    assert modules, "the scorer's hints name no command"
+    for module in modules:
+        assert module.startswith("histosynth."), module
+        assert importlib.util.find_spec(module) is not None, module
+
+
 async def test_unknown_and_wrong_kind_extractors(host: ModelHost) -> None:
     pipeline = ScoringPipeline(host)
     with pytest.raises(ModelNotFoundError, match="inception-fid"):
