@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from services.core import mask_ops
+from services.core import arrays, mask_ops
 from services.core.errors import InvalidInputError, ModelNotFoundError
 from services.core.model_store import ModelStore
 from services.mask_refinement.pipeline import RefinementPipeline, as_mask_batch, reflect_pad
@@ -57,6 +57,27 @@ async def test_sizes_off_the_stride_are_reflect_padded_and_cropped_back(
     result = await pipeline.refine(masks, version="1")
     assert result.fine_masks.shape == (2, 30, 45)
     np.testing.assert_array_equal(result.fine_masks, run_directly(service_store, "1", masks))
+
+
+async def test_small_requests_skip_the_worker_thread_and_large_ones_use_it(
+    pipeline: RefinementPipeline, service_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encode and threshold run inline up to INLINE_MAX_ELEMENTS, in a thread above it; same bits either way."""
+    offloaded: list[object] = []
+    real_to_thread = arrays.asyncio.to_thread
+
+    async def counting_to_thread(work, *args):  # type: ignore[no-untyped-def]
+        offloaded.append(work)
+        return await real_to_thread(work, *args)
+
+    monkeypatch.setattr(arrays.asyncio, "to_thread", counting_to_thread)
+    small = blob_masks(2, 32, 48, seed=5)
+    np.testing.assert_array_equal((await pipeline.refine(small)).fine_masks, run_directly(service_store, "2", small))
+    assert offloaded == []
+    large = blob_masks(2, 300, 480, seed=6)  # 2 x 1 plane x 300 x 480 > INLINE_MAX_ELEMENTS
+    assert large.size > arrays.INLINE_MAX_ELEMENTS
+    np.testing.assert_array_equal((await pipeline.refine(large)).fine_masks, run_directly(service_store, "2", large))
+    assert len(offloaded) == 2  # encode, threshold
 
 
 async def test_single_2d_mask_and_bool_input(pipeline: RefinementPipeline) -> None:
