@@ -10,6 +10,10 @@ setting each:
   grpc-2inst      2 instances per device (two batches compute at once, as (a)'s concurrent calls do)
   grpc-nospin     ORT intra-op threads do not spin-wait (session.intra_op.allow_spinning = 0), 1 instance
   grpc-2inst-nospin  both
+  grpc-spinstop   intra-op threads spin within a run but stop when it returns (session.force_spinning_stop = 1):
+                  on 2 cores a pool thread still spinning after the run competes with the server's event loop,
+                  gRPC and client threads for the post-run work (issue #15 item 5; not measurable with the
+                  cores shared with training jobs, hence a variant to run in a quiet window)
 Writes bench/results/refine_concurrency.json.
 """
 
@@ -31,28 +35,32 @@ from services.core.runtimes.base import RuntimeOptions
 from services.core.runtimes.onnxruntime import OnnxRuntime
 from services.mask_refinement import servicer as refinement_servicer
 
-VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {  # name -> (ServerConfig overrides, ORT spinning)
-    "grpc": ({}, True),
-    "grpc-b1": ({"max_batch_size": 1}, True),
-    "grpc-2inst": ({"instances_per_device": 2}, True),
-    "grpc-nospin": ({}, False),
-    "grpc-2inst-nospin": ({"instances_per_device": 2}, False),
+NO_SPIN: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
+SPIN_STOP: dict[str, str] = {"session.force_spinning_stop": "1"}
+# name -> (ServerConfig overrides, ORT session config entries of the server's sessions)
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+    "grpc": ({}, {}),
+    "grpc-b1": ({"max_batch_size": 1}, {}),
+    "grpc-2inst": ({"instances_per_device": 2}, {}),
+    "grpc-nospin": ({}, NO_SPIN),
+    "grpc-2inst-nospin": ({"instances_per_device": 2}, NO_SPIN),
+    "grpc-spinstop": ({}, SPIN_STOP),
 }
 
 
 class _SpinSwitch:
-    """ort with SessionOptions that optionally turn intra-op spinning off (for sessions created while off)."""
+    """ort with SessionOptions that carry extra session config entries (for sessions created while set)."""
 
     def __init__(self) -> None:
-        self.spin = True
+        self.entries: dict[str, str] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(ort, name)
 
     def SessionOptions(self) -> ort.SessionOptions:  # noqa: N802 - mirrors ort's name
         options = ort.SessionOptions()
-        if not self.spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in self.entries.items():
+            options.add_session_config_entry(key, value)
         return options
 
 
@@ -76,12 +84,12 @@ def main() -> None:
     servers, clients = [], {}
     try:
         for name in args.variants:
-            overrides, switch.spin = VARIANTS[name]
+            overrides, switch.entries = VARIANTS[name]
             server, _ = loop.run(refinement_servicer.start(bs.server_config(**overrides), store))
             servers.append(server)
             clients[name] = HistosynthClient(targets={"refinement": server.address}, timeout=600)
             clients[name].refine(workload.service_input, model=workload.model)  # loads the model with this setting
-        switch.spin = True
+        switch.entries = {}
         calls = {"runtime": lambda: runtime.infer(workload.runtime_feeds)}
         for name, client in clients.items():
             calls[name] = lambda c=client: c.refine(workload.service_input, model=workload.model)
@@ -99,7 +107,7 @@ def main() -> None:
         row["ratio_over_in_process"] = round(row["images_per_s"] / base[row["concurrency"]], 3)
     report = {"benchmark": "refine_concurrency", "machine": bs.machine_info(), "cpus": os.cpu_count(),
               "load_average_start": load_start, "load_average_end": bs.load_average(),
-              "variants": {name: {"overrides": VARIANTS[name][0], "ort_spinning": VARIANTS[name][1]}
+              "variants": {name: {"overrides": VARIANTS[name][0], "ort_session_config": VARIANTS[name][1]}
                            for name in args.variants}, "rows": rows}
     args.output.write_text(json.dumps(report, indent=1))
     for row in rows:
