@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Final, Protocol
 
 from aiohttp import web
 
+from services.core import metrics
 from services.core.errors import HistosynthError
 from services.core.security import BearerTokenInterceptor, TlsMaterial
 
@@ -100,6 +102,30 @@ def _middlewares(
     checker = None if token is None else BearerTokenInterceptor(token, ())
 
     @web.middleware
+    async def observed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every REST call in histosynth_http_* (as gRPC calls are in histosynth_grpc_*), refusals included."""
+        started = time.perf_counter()
+        route, method = route_label(request), request.method
+        code = "499"  # the client went away before an answer
+        metrics.HTTP_INFLIGHT_REQUESTS.inc()
+        try:
+            response = await handler(request)
+            code = str(response.status)
+            return response
+        except web.HTTPException as error:  # raised by aiohttp itself (e.g. 404/405 before any handler ran)
+            code = str(error.status)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            code = "500"
+            raise
+        finally:
+            metrics.HTTP_INFLIGHT_REQUESTS.dec()
+            metrics.HTTP_REQUEST_DURATION.labels(route, method).observe(time.perf_counter() - started)
+            metrics.HTTP_REQUESTS.labels(route, method, code).inc()
+
+    @web.middleware
     async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if checker is not None and path not in open_paths:
@@ -136,7 +162,13 @@ def _middlewares(
         finally:
             gate.leave()
 
-    return [serve]
+    return [observed, serve]
+
+
+def route_label(request: web.Request) -> str:
+    """The matched route's pattern (bounded label values), or "unmatched" for paths no route serves."""
+    resource = request.match_info.route.resource
+    return "unmatched" if resource is None else resource.canonical
 
 
 def _internal(request: web.Request, error: BaseException) -> web.Response:

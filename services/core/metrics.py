@@ -80,6 +80,29 @@ GRPC_INFLIGHT_REQUESTS = Gauge(
     registry=REGISTRY,
 )
 
+# ---------------------------------------------------------------------- HTTP/REST
+# The REST binding (services.core.http_server) beside the gRPC series: same shape, labelled by the matched route
+# pattern (e.g. /v2/models/{name}/infer, never the raw path, so the label set stays bounded), the HTTP method and
+# the HTTP status code.
+HTTP_REQUESTS = Counter(
+    "histosynth_http_requests_total",
+    "Finished HTTP/REST calls by route pattern, method and HTTP status code.",
+    ("route", "method", "code"),
+    registry=REGISTRY,
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "histosynth_http_request_duration_seconds",
+    "Wall time of an HTTP/REST call from the middleware's entry to the handler's response.",
+    ("route", "method"),
+    buckets=LATENCY_BUCKETS_SECONDS,
+    registry=REGISTRY,
+)
+HTTP_INFLIGHT_REQUESTS = Gauge(
+    "histosynth_http_inflight_requests",
+    "HTTP/REST calls currently being handled.",
+    registry=REGISTRY,
+)
+
 # -------------------------------------------------------------------------- model
 MODEL_REQUESTS = Counter(
     "histosynth_model_requests_total",

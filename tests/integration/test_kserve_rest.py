@@ -214,6 +214,35 @@ async def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(
     assert await call(http, "GET", f"{base(rendering_server)}/v2/health/ready") == (200, {"ready": True})
 
 
+async def test_rest_calls_are_in_the_http_metrics_by_route_pattern(
+    rendering_server: LiveServer, http: aiohttp.ClientSession
+) -> None:
+    from services.core.metrics import REGISTRY
+
+    def count(route: str, method: str, code: str) -> float:
+        labels = {"route": route, "method": method, "code": code}
+        return REGISTRY.get_sample_value("histosynth_http_requests_total", labels) or 0.0
+
+    def observations(route: str, method: str) -> float:
+        labels = {"route": route, "method": method}
+        return REGISTRY.get_sample_value("histosynth_http_request_duration_seconds_count", labels) or 0.0
+
+    model_route = "/v2/models/{name}"
+    before = {"ok": count(model_route, "GET", "200"), "missing": count(model_route, "GET", "404"),
+              "unmatched": count("unmatched", "GET", "404"), "timed": observations(model_route, "GET")}
+    url = base(rendering_server)
+    assert (await call(http, "GET", f"{url}/v2/models/{PIPELINE}"))[0] == 200
+    assert (await call(http, "GET", f"{url}/v2/models/{RENDERER_NAME}"))[0] == 200
+    assert (await call(http, "GET", f"{url}/v2/models/no-such-model"))[0] == 404
+    assert (await call(http, "GET", f"{url}/no/such/path"))[0] == 404
+    # The label is the route's pattern, never the model name or raw path, so the series stay bounded.
+    assert count(model_route, "GET", "200") - before["ok"] == 2
+    assert count(model_route, "GET", "404") - before["missing"] == 1
+    assert count("unmatched", "GET", "404") - before["unmatched"] == 1
+    assert observations(model_route, "GET") - before["timed"] == 3
+    assert REGISTRY.get_sample_value("histosynth_http_inflight_requests") == 0
+
+
 # --------------------------------------------------------------------------------- token and TLS
 async def test_bearer_token_guards_everything_but_health(
     module_store: Path, token_file: Path, http: aiohttp.ClientSession
