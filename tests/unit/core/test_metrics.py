@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.core import metrics
 from services.core.errors import QueueFullError
 
-_NAME = re.compile(r"^histosynth_(grpc|model|gpu)_([a-z0-9_]+_)?(total|seconds|bytes|ratio|samples|requests|instances)$")
-_ALLOWED_LABELS = {"service", "method", "code", "model", "version", "status", "reason", "device", "runtime", "precision"}
+_NAME = re.compile(r"^histosynth_(grpc|http|model|gpu)_([a-z0-9_]+_)?(total|seconds|bytes|ratio|samples|requests|instances)$")
+_ALLOWED_LABELS = {"service", "method", "code", "route", "model", "version", "status", "reason", "device", "runtime", "precision"}
 
 
 def _families() -> dict[str, object]:
@@ -26,6 +26,8 @@ def _record_one_sample_in_every_metric() -> None:
     metrics.GRPC_REQUESTS.labels("histosynth.v1.MaskRendering", "Render", "OK").inc()
     metrics.GRPC_REQUEST_DURATION.labels("histosynth.v1.MaskRendering", "Render").observe(0.012)
     metrics.GRPC_INFLIGHT_REQUESTS.labels("histosynth.v1.MaskRendering").set(3)
+    metrics.HTTP_REQUESTS.labels("/v2/models/{name}/infer", "POST", "200").inc()
+    metrics.HTTP_REQUEST_DURATION.labels("/v2/models/{name}/infer", "POST").observe(0.02)
     model = metrics.ModelMetrics("test_exposition", "7")
     model.pending_inc(2)
     model.observe_queue_wait(0.002)
@@ -56,6 +58,7 @@ def test_every_metric_is_named_by_the_convention_with_few_labels() -> None:
         assert _NAME.match(exposed), f"{exposed!r} breaks histosynth_<subsystem>_<name>_<unit>"
     declared = [
         metrics.GRPC_REQUESTS, metrics.GRPC_REQUEST_DURATION, metrics.GRPC_INFLIGHT_REQUESTS,
+        metrics.HTTP_REQUESTS, metrics.HTTP_REQUEST_DURATION, metrics.HTTP_INFLIGHT_REQUESTS,
         metrics.MODEL_REQUESTS, metrics.MODEL_PENDING_REQUESTS, metrics.MODEL_QUEUE_DURATION,
         metrics.MODEL_COMPUTE_DURATION, metrics.MODEL_REQUEST_DURATION, metrics.MODEL_BATCH_SIZE,
         metrics.MODEL_INSTANCES, metrics.MODEL_RUNTIME, metrics.GPU_UTILIZATION, metrics.GPU_MEMORY_USED, metrics.GPU_MEMORY_TOTAL,
