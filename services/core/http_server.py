@@ -115,9 +115,7 @@ def _middlewares(
         except web.HTTPException as error:  # raised by aiohttp itself (e.g. 404/405 before any handler ran)
             code = str(error.status)
             raise
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+        except Exception:  # CancelledError is not an Exception: a client that went away keeps "499"
             code = "500"
             raise
         finally:

@@ -18,7 +18,6 @@ No protobuf here: the servicer, the generation service and the CLI all call
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,7 +127,7 @@ class RefinementPipeline:
         fine = await self.run_model(served, masks, deadline, guides=guides, seed=seed)
         noise = None
         if noise_spacing > 0:
-            noise = await asyncio.to_thread(noise_labels, masks.shape, noise_spacing, seed)
+            noise = await run_numpy(lambda: noise_labels(masks.shape, noise_spacing, seed), masks.size)
         return RefineResult(fine_masks=fine, noise_labels=noise, model=served.ref)
 
     @staticmethod
