@@ -27,6 +27,12 @@ from tqdm import tqdm
 CHECKPOINT_NAME = "latest.pt"
 
 
+def model_store_root() -> Path:
+    """The store a warm start reads: HISTOSYNTH_MODEL_STORE, else this checkout's model_store/ (where exports go)."""
+    env = os.environ.get("HISTOSYNTH_MODEL_STORE")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "model_store"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -151,6 +157,10 @@ class GanTrainer:
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         raise NotImplementedError
 
+    def discriminator_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """One D update against the current G, G untouched (the warm-up after a warm start from the store)."""
+        raise NotImplementedError
+
     def visual_row(self, sample: Mapping[str, torch.Tensor], fake: torch.Tensor) -> list[np.ndarray]:
         raise NotImplementedError
 
@@ -216,24 +226,51 @@ class GanTrainer:
         self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
         return True
 
-    def maybe_warm_start(self) -> Path | None:
-        """`train.init_from: <run>` starts a new run from another run's weights (G, D and EMA; fresh optimisers
-        and lr schedule), read from <runs dir>/<run>/latest.pt, the runs dir being this run's parent. Used when
-        a later recipe (a new loss) continues an earlier one instead of starting from random weights."""
+    def maybe_warm_start(self) -> dict[str, Any] | None:
+        """Start a new run from earlier weights; returns the log record saying from where (None = random init).
+
+        `train.init_from: <run>`: G, D and EMA from <runs dir>/<run>/latest.pt (the runs dir being this run's
+        parent), with fresh optimisers and lr schedule. Used when a later recipe (a new loss) continues an
+        earlier one. `train.init_from_store: {model, version}`: G and EMA from that shipped model's ONNX file,
+        used when the run named by init_from is not cached (a fresh machine) or init_from is unset; the
+        discriminator is not shipped, so it starts fresh and is first trained alone for
+        `discriminator_warmup_steps` (feature matching against a random D would only add noise to G)."""
         source = self.train_cfg.get("init_from")
-        if not source:
-            return None
-        path = self.out_dir.parent / str(source) / CHECKPOINT_NAME
-        if not path.is_file():
+        store_source = self.train_cfg.get("init_from_store")
+        path = self.out_dir.parent / str(source) / CHECKPOINT_NAME if source else None
+        if path is not None and path.is_file():
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+            generator_weights = payload.get("generator_ema") or payload["generator"]
+            self.generator.load_state_dict(generator_weights)
+            self.discriminator.load_state_dict(payload["discriminator"])
+            if self.generator_ema is not None:
+                self.generator_ema.load_state_dict(generator_weights)
+            return {"event": "warm_started", "from": str(path)}
+        if store_source:
+            from training.trainers.store_weights import load_generator_from_store
+
+            loaded = load_generator_from_store(self.generator, model_store_root(), str(store_source["model"]),
+                                               store_source["version"])
+            if self.generator_ema is not None:
+                self.generator_ema.load_state_dict(self.generator.state_dict())
+            return {"event": "warm_started", "from": f"model_store:{loaded.model}/{loaded.version}",
+                    "sha256": loaded.sha256, "discriminator": "fresh",
+                    **({"run_not_cached": str(path)} if path is not None else {})}
+        if path is not None:
             raise FileNotFoundError(f"train.init_from: {path} does not exist; train run {source!r} into "
-                                    f"{self.out_dir.parent} first (its config names the command)")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        generator_weights = payload.get("generator_ema") or payload["generator"]
-        self.generator.load_state_dict(generator_weights)
-        self.discriminator.load_state_dict(payload["discriminator"])
-        if self.generator_ema is not None:
-            self.generator_ema.load_state_dict(generator_weights)
-        return path
+                                    f"{self.out_dir.parent} first (its config names the command), or name a "
+                                    f"shipped model in train.init_from_store")
+        return None
+
+    def warm_up_discriminator(self, batches: Iterator[Mapping[str, torch.Tensor]], steps: int) -> dict[str, Any]:
+        """Train only D against the (fixed) warm-started G for `steps` batches; not counted as training steps."""
+        running: dict[str, list[float]] = {}
+        for _ in range(steps):
+            for key, value in self.discriminator_step(next(batches)).items():
+                running.setdefault(key, []).append(value)
+        tail = max(1, steps // 10)
+        return {"event": "discriminator_warmup", "steps": steps,
+                **{k: round(float(np.mean(v[-tail:])), 4) for k, v in running.items()}}
 
     @torch.no_grad()
     def save_grid(self, path: Path, n: int = 4) -> Path:
@@ -292,7 +329,11 @@ class GanTrainer:
             if resumed:
                 log.write(json.dumps({"event": "resumed", "step": self.state.step}) + "\n")
             if warm_start is not None:
-                log.write(json.dumps({"event": "warm_started", "from": str(warm_start)}) + "\n")
+                log.write(json.dumps(warm_start) + "\n")
+                warmup_steps = int((self.train_cfg.get("init_from_store") or {}).get("discriminator_warmup_steps", 0))
+                if warm_start.get("discriminator") == "fresh" and warmup_steps > 0:
+                    log.write(json.dumps(self.warm_up_discriminator(batches, warmup_steps)) + "\n")
+                    log.flush()
             while self.state.step < self.total_steps:
                 if self.time_budget_s is not None and time.perf_counter() - start_time > self.time_budget_s:
                     log.write(json.dumps({"event": "time_budget_reached", "step": self.state.step}) + "\n")

@@ -174,12 +174,9 @@ class Pix2PixHDTrainer(GanTrainer):
     def generator_input(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch["label"]
 
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        label = batch["label"].contiguous(memory_format=torch.channels_last)
-        real = batch["image"].contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            fake = self.generator(label)
-
+    def _update_discriminator(self, label: torch.Tensor, real: torch.Tensor, fake: torch.Tensor
+                              ) -> tuple[list[list[torch.Tensor]], dict[str, float]]:
+        """One LSGAN D step; returns D's features of the real image (G's feature-matching target) and losses."""
         set_requires_grad(self.discriminator, True)
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():
@@ -189,6 +186,21 @@ class Pix2PixHDTrainer(GanTrainer):
         loss_d_real = lsgan_loss(pred_real, True)
         (0.5 * (loss_d_fake + loss_d_real)).backward()
         self.opt_d.step()
+        return pred_real, {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item()}
+
+    def discriminator_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        label = batch["label"].contiguous(memory_format=torch.channels_last)
+        real = batch["image"].contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), self.autocast():
+            fake = self.generator(label)
+        return self._update_discriminator(label, real, fake)[1]
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        label = batch["label"].contiguous(memory_format=torch.channels_last)
+        real = batch["image"].contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            fake = self.generator(label)
+        pred_real, losses = self._update_discriminator(label, real, fake)
 
         set_requires_grad(self.discriminator, False)
         self.opt_g.zero_grad(set_to_none=True)
@@ -196,8 +208,7 @@ class Pix2PixHDTrainer(GanTrainer):
             pred_fake_g = as_float(self.discriminator(label, fake))
         loss_g_gan = lsgan_loss(pred_fake_g, True)
         loss_g_fm = feature_matching_loss(pred_fake_g, pred_real, self.lambda_feat)  # real features detached inside
-        losses = {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item(), "g_gan": loss_g_gan.item(),
-                  "g_fm": loss_g_fm.item()}
+        losses.update(g_gan=loss_g_gan.item(), g_fm=loss_g_fm.item())
         loss_g = loss_g_gan + loss_g_fm
         if self.consistency:
             class_map = label[:, :self.num_classes].argmax(1)

@@ -132,6 +132,19 @@ def test_boundary_config_is_v3_plus_a_boundary_term() -> None:
         {k: v for k, v in consistency["data"].items() if k != "scheme"}
 
 
+
+def test_v6_is_the_boundary_recipe_from_the_shipped_v3_weights() -> None:
+    """v6 repeats v5's recipe from model_store (its run cache gone); its ship rule is in its header, before training."""
+    boundary = load_config(CONFIGS / "renderer-he-nuclei-boundary.yaml")
+    v6 = load_config(CONFIGS / "renderer-he-nuclei-v6.yaml")
+    assert "init_from" not in v6["train"], "never a cached run: always the shipped weights"
+    assert v6["train"]["init_from_store"] == {"model": "renderer-he-nuclei", "version": 3,
+                                              "discriminator_warmup_steps": 500}
+    assert v6["train"]["consistency"] == boundary["train"]["consistency"]
+    assert {k: v for k, v in v6.items() if k != "train"} == {k: v for k, v in boundary.items() if k != "train"}
+    header = (CONFIGS / "renderer-he-nuclei-v6.yaml").read_text().split("extends:")[0]
+    assert "Ship rule for v6" in header and "nothing ships" in header
+
 def test_consistency_list_builds_both_terms_and_the_mapping_form_still_builds_one(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     train_fixture_segmenter(runs, "segmenter-he-nuclei-consistency")

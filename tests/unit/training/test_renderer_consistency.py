@@ -3,6 +3,7 @@ frozen-segmenter mask-consistency loss (training/losses.py), each run for real o
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -90,3 +91,75 @@ def test_consistency_segmenter_split_forces_held_back_groups_to_test() -> None:
     split = split_per_dataset(records, (1.0, 0.0, 0.0), 0, held_back=forced)
     assert {r.group for r in split["test"]} == set(forced)
     assert not {r.group for r in split["train"]} & set(forced)
+
+
+def test_warm_start_from_the_store_when_the_run_is_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh machine has no runs cache: a recipe that continues a run falls back to the shipped ONNX weights
+    (sha256-checked), whose generator then computes what the shipped file computes; D starts fresh and warms up."""
+    import numpy as np
+    import onnxruntime as ort
+    import yaml
+
+    from training.export.__main__ import main as export_main
+    from training.trainers.store_weights import read_onnx_initializers
+
+    runs, store = tmp_path / "runs", tmp_path / "store"
+    train_tiny_renderer(tmp_path, "renderer-he-nuclei", runs, "shipped-run")
+    config_path = tmp_path / "configs" / "shipped-run" / "renderer-he-nuclei.yaml"
+    version_dir = export_main(["--config", str(config_path), "--checkpoint", str(runs / "shipped-run" / "latest.pt"),
+                               "--version", "7", "--store-root", str(store), "--data-root", str(FIXTURE_DATA)])
+    monkeypatch.setenv("HISTOSYNTH_MODEL_STORE", str(store))
+
+    config = tiny_config("renderer-he-nuclei")
+    config["train"].update(init_from="not-cached-run", steps=1,
+                           init_from_store={"model": "renderer-he-nuclei", "version": 7, "discriminator_warmup_steps": 2})
+    out = runs / "successor"
+    from training.trainers import get_trainer
+
+    trainer = get_trainer(config["trainer"])(config, out, FIXTURE_DATA)
+    record = trainer.maybe_warm_start()
+    manifest = yaml.safe_load((version_dir / "manifest.yaml").read_text())
+    assert record is not None and record["from"] == "model_store:renderer-he-nuclei/7"
+    assert record["sha256"] == manifest["sha256"] and record["discriminator"] == "fresh"
+    assert record["run_not_cached"] == str(runs / "not-cached-run" / "latest.pt")
+    shipped = read_onnx_initializers(version_dir / "model.onnx")
+    for key, value in trainer.generator.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), shipped[key])
+    label = torch.rand(1, int(manifest["inputs"][0]["shape"][1]), 64, 64)
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {manifest["inputs"][0]["name"]: label.numpy()})[0]
+    with torch.no_grad():
+        actual = trainer.generator_ema.eval()(label).numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-4)
+
+    # the whole run: warm start logged, D warm-up logged (not counted as steps), then the step
+    config_dir = tmp_path / "configs" / "successor"
+    config_dir.mkdir(parents=True)
+    train_main(["--config", str(write_config(config_dir, config)), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    events = [r.get("event") for r in records]
+    assert events[:2] == ["warm_started", "discriminator_warmup"]
+    warmup = records[1]
+    assert warmup["steps"] == 2 and math.isfinite(warmup["d_real"]) and math.isfinite(warmup["d_fake"])
+    assert [r["step"] for r in records if "event" not in r] == [1]
+
+
+def test_store_warm_start_refuses_a_damaged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from training.trainers.store_weights import load_generator_from_store
+    from training.trainers.pix2pixhd_trainer import build_generator
+
+    shipped = CONFIGS.parents[1] / "model_store" / "renderer-he-nuclei" / "3"
+    copy = tmp_path / "renderer-he-nuclei" / "3"
+    shutil.copytree(shipped, copy)
+    generator = build_generator(load_config(CONFIGS / "renderer-he-nuclei-v3.yaml"))
+    loaded = load_generator_from_store(generator, tmp_path, "renderer-he-nuclei", 3)
+    assert loaded.path == copy / "model.onnx"
+    with open(copy / "model.onnx", "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\0\0\0\1")
+    with pytest.raises(ValueError, match="sha256"):
+        load_generator_from_store(generator, tmp_path, "renderer-he-nuclei", 3)
+    with pytest.raises(FileNotFoundError, match="version 4"):
+        load_generator_from_store(generator, tmp_path, "renderer-he-nuclei", 4)

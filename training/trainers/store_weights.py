@@ -1,0 +1,83 @@
+"""Warm-start a generator from a model shipped in model_store/ (its ONNX file), for when no earlier run is cached.
+
+Runs live in ~/.cache/histosynth/runs, outside the work tree; a fresh machine has none, so a recipe that continues
+an earlier run (`train.init_from: <run>`) could otherwise only start by re-running the whole chain that led to the
+shipped model (hours of CPU). The shipped ONNX file holds exactly the generator weights that were exported (the EMA
+weights when the run kept them): torch.onnx.export names each initializer after its state_dict key, and the
+generators here have no batch-norm statistics or other state that export folds away. So those initializers are
+the generator's state_dict, checked key for key and shape for shape. The discriminator is not shipped: it starts
+fresh (see the trainer's discriminator warm-up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StoreWeights:
+    """Where warm-start weights came from, as recorded in the run log."""
+
+    model: str
+    version: str
+    path: Path
+    sha256: str
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_onnx_initializers(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def load_generator_from_store(generator: nn.Module, store_root: Path, model: str, version: str | int) -> StoreWeights:
+    """Copy model_store/<model>/<version>/<file> weights into `generator`; the file must match its manifest sha256
+    and every state_dict entry must be there with the same shape (a different architecture is an error, not a
+    partial load)."""
+    version_dir = Path(store_root) / model / str(version)
+    manifest_path = version_dir / "manifest.yaml"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"train.init_from_store: {manifest_path} does not exist (is {model} version {version} "
+                                f"in the model store {store_root}?)")
+    manifest: Mapping[str, Any] = yaml.safe_load(manifest_path.read_text())
+    if manifest.get("format") != "onnx":
+        raise ValueError(f"train.init_from_store: {model}/{version} is {manifest.get('format')!r}, only onnx "
+                         f"files can seed a generator")
+    weights_path = version_dir / str(manifest["file"])
+    actual = _sha256(weights_path)
+    if actual != manifest["sha256"]:
+        raise ValueError(f"train.init_from_store: {weights_path} sha256 {actual} != manifest {manifest['sha256']}; "
+                         f"the store copy is damaged (git lfs / checkout problem?)")
+    arrays = read_onnx_initializers(weights_path)
+    expected = generator.state_dict()
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise ValueError(f"train.init_from_store: {model}/{version} lacks {len(missing)} generator weights "
+                         f"(first: {missing[:3]}); the config's model section does not match the shipped model")
+    state = {}
+    for key, current in expected.items():
+        value = torch.from_numpy(np.array(arrays[key], copy=True))
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"train.init_from_store: {key} has shape {tuple(value.shape)} in {model}/{version} "
+                             f"but {tuple(current.shape)} in the configured generator")
+        state[key] = value.to(current.dtype)
+    generator.load_state_dict(state)
+    return StoreWeights(model=model, version=str(version), path=weights_path, sha256=actual)
