@@ -166,6 +166,11 @@ class Pix2PixHDTrainer(GanTrainer):
         if not path.is_file():
             raise FileNotFoundError(f"train.consistency.segmenter_run: {path} does not exist; train it first")
         payload = torch.load(path, map_location="cpu", weights_only=False)
+        # A checkpoint of a run still in progress (or cut before its lr schedule ended) would freeze a half-trained
+        # segmenter into the renderer's loss for the whole run; refuse it.
+        if int(payload["step"]) < int(payload.get("total_steps", payload["step"])):
+            raise RuntimeError(f"train.consistency.segmenter_run: {path} is at step {payload['step']} of "
+                               f"{payload['total_steps']}; let that run finish (or resume it) first")
         segmenter = build_segmenter(payload["config"])
         segmenter.load_state_dict(payload["model"])
         segmenter.eval().requires_grad_(False)

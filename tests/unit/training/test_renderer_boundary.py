@@ -175,6 +175,14 @@ def test_consistency_list_builds_both_terms_and_the_mapping_form_still_builds_on
     with pytest.raises(ValueError, match="one term per kind"):
         trainer_class(twice, runs / "twice", FIXTURE_DATA)
 
+    # a segmenter run that has not finished its schedule is refused (it would freeze a half-trained loss)
+    checkpoint = runs / "segmenter-he-nuclei-boundary" / "latest.pt"
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    payload["step"] = payload["total_steps"] - 1
+    torch.save(payload, checkpoint)
+    with pytest.raises(RuntimeError, match="let that run finish"):
+        trainer_class(config, runs / "early", FIXTURE_DATA)
+
 
 def test_boundary_recipe_warm_starts_and_trains_two_steps_with_both_terms(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
