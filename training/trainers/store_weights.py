@@ -11,7 +11,6 @@ fresh (see the trainer's discriminator warm-up).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,14 +29,6 @@ class StoreWeights:
     version: str
     path: Path
     sha256: str
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_onnx_initializers(path: Path) -> dict[str, np.ndarray]:
@@ -62,7 +53,9 @@ def load_generator_from_store(generator: nn.Module, store_root: Path, model: str
         raise ValueError(f"train.init_from_store: {model}/{version} is {manifest.get('format')!r}, only onnx "
                          f"files can seed a generator")
     weights_path = version_dir / str(manifest["file"])
-    actual = _sha256(weights_path)
+    from training.export.onnx_export import sha256_file
+
+    actual = sha256_file(weights_path)
     if actual != manifest["sha256"]:
         raise ValueError(f"train.init_from_store: {weights_path} sha256 {actual} != manifest {manifest['sha256']}; "
                          f"the store copy is damaged (git lfs / checkout problem?)")
