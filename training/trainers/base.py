@@ -28,9 +28,11 @@ CHECKPOINT_NAME = "latest.pt"
 
 
 def model_store_root() -> Path:
-    """The store a warm start reads: HISTOSYNTH_MODEL_STORE, else this checkout's model_store/ (where exports go)."""
-    env = os.environ.get("HISTOSYNTH_MODEL_STORE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "model_store"
+    """The store a warm start reads, found as the servers find theirs (HISTOSYNTH_MODEL_STORE first), with this
+    checkout's model_store/ (where `make export-*` writes) as the default whatever the working directory."""
+    from services.core.store_location import locate_model_store
+
+    return locate_model_store(cwd=Path(__file__).resolve().parents[2])
 
 
 def seed_everything(seed: int) -> None:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 
@@ -41,24 +39,23 @@ def read_onnx_initializers(path: Path) -> dict[str, np.ndarray]:
 
 def load_generator_from_store(generator: nn.Module, store_root: Path, model: str, version: str | int) -> StoreWeights:
     """Copy model_store/<model>/<version>/<file> weights into `generator`; the file must match its manifest sha256
-    and every state_dict entry must be there with the same shape (a different architecture is an error, not a
-    partial load)."""
-    version_dir = Path(store_root) / model / str(version)
-    manifest_path = version_dir / "manifest.yaml"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"train.init_from_store: {manifest_path} does not exist (is {model} version {version} "
-                                f"in the model store {store_root}?)")
-    manifest: Mapping[str, Any] = yaml.safe_load(manifest_path.read_text())
-    if manifest.get("format") != "onnx":
-        raise ValueError(f"train.init_from_store: {model}/{version} is {manifest.get('format')!r}, only onnx "
-                         f"files can seed a generator")
-    weights_path = version_dir / str(manifest["file"])
-    from training.export.onnx_export import sha256_file
+    (ModelStore.get checks it) and every state_dict entry must be there with the same shape (a different
+    architecture is an error, not a partial load)."""
+    # The serving store's own reader: manifest validation, version lookup and the sha256 check (cached per file).
+    from services.core.errors import ModelNotFoundError
+    from services.core.model_store import ChecksumMismatchError, ModelStore
 
-    actual = sha256_file(weights_path)
-    if actual != manifest["sha256"]:
-        raise ValueError(f"train.init_from_store: {weights_path} sha256 {actual} != manifest {manifest['sha256']}; "
-                         f"the store copy is damaged (git lfs / checkout problem?)")
+    try:
+        manifest = ModelStore(Path(store_root)).get(model, version)
+    except ChecksumMismatchError as error:
+        raise ValueError(f"train.init_from_store: {error} (git lfs / checkout problem?)") from error
+    except (ModelNotFoundError, FileNotFoundError) as error:
+        raise FileNotFoundError(f"train.init_from_store: {model} version {version} is not in the model store "
+                                f"{store_root}: {error}") from error
+    if manifest.format != "onnx":
+        raise ValueError(f"train.init_from_store: {manifest.key} is {manifest.format!r}, only onnx "
+                         f"files can seed a generator")
+    weights_path = manifest.path
     arrays = read_onnx_initializers(weights_path)
     expected = generator.state_dict()
     missing = sorted(set(expected) - set(arrays))
@@ -73,4 +70,4 @@ def load_generator_from_store(generator: nn.Module, store_root: Path, model: str
                              f"but {tuple(current.shape)} in the configured generator")
         state[key] = value.to(current.dtype)
     generator.load_state_dict(state)
-    return StoreWeights(model=model, version=str(version), path=weights_path, sha256=actual)
+    return StoreWeights(model=manifest.name, version=manifest.version, path=weights_path, sha256=manifest.sha256)
