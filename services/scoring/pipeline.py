@@ -211,7 +211,7 @@ class FeatureExtractor:
         items = as_image_list(images, name)
         spec = self.spec
         if spec.resize_to is not None:
-            items = resize_images(items, spec.resize_to)
+            items = await asyncio.to_thread(resize_images, items, spec.resize_to)
         for index, image in enumerate(items):
             if min(image.shape[:2]) < spec.min_size:
                 raise InvalidInputError(
@@ -219,15 +219,15 @@ class FeatureExtractor:
                     f"{spec.min_size} x {spec.min_size} minimum of extractor {self.served.manifest.key}"
                 )
         groups = groups_by_size(items)
-        results = await asyncio.gather(
-            *(
-                self.served.infer(
-                    {spec.input_name: to_model_input([items[i] for i in indices], spec.input_range, spec.input_dtype)},
-                    deadline,
-                )
-                for indices in groups.values()
+
+        async def run(indices: list[int]) -> dict[str, np.ndarray]:
+            # The float conversion of a large batch takes hundreds of ms: off the event loop, like PNG decoding.
+            batch = await asyncio.to_thread(
+                to_model_input, [items[i] for i in indices], spec.input_range, spec.input_dtype
             )
-        )
+            return await self.served.infer({spec.input_name: batch}, deadline)
+
+        results = await asyncio.gather(*(run(indices) for indices in groups.values()))
         order = np.concatenate([np.asarray(indices) for indices in groups.values()])
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)

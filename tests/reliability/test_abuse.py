@@ -481,7 +481,7 @@ async def test_health_answered_within_a_second_throughout(stack: Stack) -> None:
     assert growth < parse_bytes(BUDGET), growth / MIB
     print(f"\n[reliability] health: {len(probe.latencies)} probes, max {probe.max_latency * 1000:.0f} ms, "
           f"p99 {sorted(probe.latencies)[int(0.99 * len(probe.latencies))] * 1000:.0f} ms; "
-          f"RSS +{growth / MIB:.0f} MiB over the module (budget {BUDGET})")
+          f"RSS +{growth / MIB:.0f} MiB over the module (budget {BUDGET}); slowest {probe.slowest()}")
 
 
 # ====================================================================== readiness
