@@ -287,17 +287,20 @@ class GanTrainer:
         Image.fromarray(make_grid(rows)).save(path)
         return path
 
-    def _fit_schedule_to_budget(self, start_time: float, steps_at_start: int, log, bar) -> None:
+    def _fit_schedule_to_budget(self, start_time: float, speed_start: tuple[float, int], log, bar) -> None:
         """With a time budget, shrink total_steps to what the measured speed reaches before the budget ends, so
-        the linear lr decay still runs to zero (a cut-off run would stop mid-decay). Speed = mean over this
-        invocation, so a short load spike on the shared host does not cut the run. Never grows the step count."""
+        the linear lr decay still runs to zero (a cut-off run would stop mid-decay). Speed = mean over the steps of
+        this invocation since ``speed_start`` (time, step), so a short load spike on the shared host does not cut
+        the run, and one-off work before the loop (a discriminator warm-up) is not taken for step time; the
+        budget itself counts from ``start_time``. Never grows the step count."""
         if self.time_budget_s is None:
             return
         now = time.perf_counter()
-        steps_done = self.state.step - steps_at_start
+        speed_time, speed_step = speed_start
+        steps_done = self.state.step - speed_step
         if steps_done < 50:
             return
-        seconds_per_step = (now - start_time) / steps_done
+        seconds_per_step = (now - speed_time) / steps_done
         remaining = self.time_budget_s - (now - start_time) - 30.0  # leave time for the final checkpoint + grid
         reachable = self.state.step + int(max(0.0, remaining) / seconds_per_step)
         if reachable >= self.total_steps:
@@ -323,7 +326,6 @@ class GanTrainer:
         batches = self._loader(self.train_set)
         start_time = time.perf_counter()
         seconds_at_start = self.state.train_seconds
-        steps_at_start = self.state.step
         running: dict[str, list[float]] = {}
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.config.get("name", "train"),
                    dynamic_ncols=True, mininterval=5.0)
@@ -336,12 +338,13 @@ class GanTrainer:
                 if warm_start.get("discriminator") == "fresh" and warmup_steps > 0:
                     log.write(json.dumps(self.warm_up_discriminator(batches, warmup_steps)) + "\n")
                     log.flush()
+            speed_start = (time.perf_counter(), self.state.step)
             while self.state.step < self.total_steps:
                 if self.time_budget_s is not None and time.perf_counter() - start_time > self.time_budget_s:
                     log.write(json.dumps({"event": "time_budget_reached", "step": self.state.step}) + "\n")
                     break
                 if self.state.step % 25 == 0:
-                    self._fit_schedule_to_budget(start_time, steps_at_start, log, bar)
+                    self._fit_schedule_to_budget(start_time, speed_start, log, bar)
                 batch = next(batches)
                 losses = self.train_step(batch)
                 self.update_ema()
