@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from training.export.onnx_export import sha256_file, utc_now
+from services.core.model_store import file_sha256
+from training.export.onnx_export import utc_now
 
 SKIP_MESSAGE = "skipped: no GPU/TensorRT"
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "version": version,
             "format": "tensorrt_plan",
             "file": "model.plan",
-            "sha256": sha256_file(work_dir / "model.plan"),
+            "sha256": file_sha256(work_dir / "model.plan"),
             "metadata": {**source["metadata"], "tensorrt": {
                 "precision": "fp16", "tensorrt_version": trt.__version__,
                 "device": torch.cuda.get_device_name(0), "profiles": profiles,

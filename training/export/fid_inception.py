@@ -31,7 +31,6 @@ graph reproduces pytorch-fid's numbers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.core.model_store import file_sha256
 from training.export.onnx_export import export_to_model_store, git_commit, hardware_string
 
 PUBLISHED_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -241,14 +241,6 @@ class WeightsInfo:
     published: bool  # digest starts with the published prefix -> the standard FID weights
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_weights_file(path: Path | str, expected_sha256: str | None = None) -> WeightsInfo:
     """Check the file's sha256 (rules in the module docstring); raise WeightsChecksumError with both digests."""
     path = Path(path)
@@ -257,7 +249,7 @@ def verify_weights_file(path: Path | str, expected_sha256: str | None = None) ->
                                 f"{PUBLISHED_WEIGHTS_FILE}; this project does not download it)")
     if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
         raise ValueError(f"expected_sha256 must be 64 hex digits, got {expected_sha256!r}")
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     published = digest.startswith(PUBLISHED_SHA256_PREFIX)
     if expected_sha256 is not None:
         if digest != expected_sha256.lower():

@@ -9,7 +9,6 @@ directory first and renamed at the end, so a failed parity check never leaves a 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import os
 import platform
@@ -23,6 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import yaml
+
+from services.core.model_store import file_sha256
 
 ONNX_OPSET = 18
 MODEL_KINDS = ("refiner", "renderer", "patch_generator", "encoder", "segmenter", "denoiser", "test")
@@ -92,14 +93,6 @@ def hardware_string() -> str:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- export + parity
@@ -293,7 +286,7 @@ def export_to_model_store(
             "kind": kind,
             "format": "onnx",
             "file": "model.onnx",
-            "sha256": sha256_file(onnx_path),
+            "sha256": file_sha256(onnx_path),
             "max_batch_size": int(max_batch_size),
             "inputs": inputs,
             "outputs": outputs,

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
+from services.core.model_store import file_sha256 as sha256_of
 from training.export.fid_inception import (
     PUBLISHED_SHA256_PREFIX,
     FIDInceptionV3,
     WeightsChecksumError,
     export_fid_inception,
     load_fid_inception,
-    sha256_of,
     verify_weights_file,
 )
 
