@@ -75,22 +75,36 @@ class Pix2PixTrainer(GanTrainer):
     def generator_input(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([batch[name] for name in self.input_names], dim=1)
 
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def _tensors(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G input, D condition, fine target), channels_last."""
         inputs = self.generator_input(batch).contiguous(memory_format=torch.channels_last)
         condition = torch.cat([batch[name] for name in self.condition_names], dim=1)
         condition = condition.contiguous(memory_format=torch.channels_last)
-        fine = batch["fine"].contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            fake = self.generator(inputs)
+        return inputs, condition, batch["fine"].contiguous(memory_format=torch.channels_last)
 
+    def _update_discriminator(self, condition: torch.Tensor, fine: torch.Tensor, fake: torch.Tensor
+                              ) -> dict[str, float]:
+        """One LSGAN D step (PatchGAN on condition + mask)."""
         set_requires_grad(self.discriminator, True)
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():
             loss_d_fake = lsgan_loss(self.discriminator(condition, fake.detach()).float(), False)
             loss_d_real = lsgan_loss(self.discriminator(condition, fine).float(), True)
-        loss_d = 0.5 * (loss_d_fake + loss_d_real)
-        loss_d.backward()
+        (0.5 * (loss_d_fake + loss_d_real)).backward()
         self.opt_d.step()
+        return {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item()}
+
+    def discriminator_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        inputs, condition, fine = self._tensors(batch)
+        with torch.no_grad(), self.autocast():
+            fake = self.generator(inputs)
+        return self._update_discriminator(condition, fine, fake)
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        inputs, condition, fine = self._tensors(batch)
+        with self.autocast():
+            fake = self.generator(inputs)
+        d_losses = self._update_discriminator(condition, fine, fake)
 
         set_requires_grad(self.discriminator, False)  # G step: no D parameter gradients needed
         self.opt_g.zero_grad(set_to_none=True)
@@ -99,8 +113,7 @@ class Pix2PixTrainer(GanTrainer):
         loss_g_l1 = l1_reconstruction_loss(fake.float(), fine, self.lambda_l1)
         (loss_g_gan + loss_g_l1).backward()
         self.opt_g.step()
-        return {"d_real": loss_d_real.item(), "d_fake": loss_d_fake.item(), "g_gan": loss_g_gan.item(),
-                "g_l1": loss_g_l1.item()}
+        return {**d_losses, "g_gan": loss_g_gan.item(), "g_l1": loss_g_l1.item()}
 
     def visual_row(self, sample: Mapping[str, torch.Tensor], fake: torch.Tensor) -> list[np.ndarray]:
         # thresholded output is what serving hands on (a binary mask); show raw tanh output next to it

@@ -180,3 +180,47 @@ def test_build_tensorrt_skips_cleanly_without_gpu(tmp_path: Path, capsys: pytest
     assert build_tensorrt.main(["--model-dir", str(tmp_path / "absent" / "1")]) == 0
     assert build_tensorrt.SKIP_MESSAGE in capsys.readouterr().out
     assert not any(tmp_path.iterdir()), "a skipped build writes nothing"
+
+
+def test_refiner_warm_starts_from_the_store_with_a_discriminator_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init_from_store works for the pix2pix refiner as for the renderers: G from the shipped ONNX, D warmed up alone."""
+    from training.export.__main__ import main as export_main
+    from training.trainers.store_weights import read_onnx_initializers
+
+    config = tiny_config("mask-refiner")
+    shipped_config = write_config(tmp_path, config)
+    export_main(["--config", str(shipped_config), "--checkpoint", str(_trained(tmp_path, shipped_config)),
+                 "--version", "4", "--store-root", str(tmp_path / "store"), "--data-root", str(FIXTURE_DATA)])
+    monkeypatch.setenv("HISTOSYNTH_MODEL_STORE", str(tmp_path / "store"))
+
+    successor = copy.deepcopy(config)
+    successor["train"].update(steps=1, init_from_store={"model": config["name"], "version": 4,
+                                                       "discriminator_warmup_steps": 2})
+    successor_dir = tmp_path / "successor"
+    successor_dir.mkdir()
+    out = tmp_path / "runs" / "successor"
+    train_main(["--config", str(write_config(successor_dir, successor)), "--data-root", str(FIXTURE_DATA),
+                "--out", str(out)])
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r.get("event") for r in records[:2]] == ["warm_started", "discriminator_warmup"]
+    assert records[0]["from"] == f"model_store:{config['name']}/4" and records[1]["steps"] == 2
+    assert np.isfinite(records[1]["d_real"]) and np.isfinite(records[1]["d_fake"])
+    assert [r["step"] for r in records if "event" not in r] == [1]
+    # before any step, G holds exactly the shipped weights
+    from training.trainers import get_trainer
+
+    trainer = get_trainer(successor["trainer"])(successor, tmp_path / "runs" / "fresh", FIXTURE_DATA)
+    assert trainer.maybe_warm_start()["discriminator"] == "fresh"
+    shipped = read_onnx_initializers(tmp_path / "store" / config["name"] / "4" / "model.onnx")
+    state = trainer.generator.state_dict()
+    assert shipped and set(shipped) <= set(state)
+    for key, value in shipped.items():
+        np.testing.assert_array_equal(state[key].numpy(), value)
+
+
+def _trained(tmp_path: Path, config_path: Path) -> Path:
+    out = tmp_path / "runs" / "shipped"
+    train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+    return out / "latest.pt"
