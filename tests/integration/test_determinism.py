@@ -37,6 +37,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 CLIENTS = 8
 # Long enough that concurrent calls reliably meet in one batch on a busy 2-core machine.
 BATCHING_DELAY_MS = 40.0
+# Concurrent rounds tried until one shares a batch (a loaded host can spread 8 calls over more than the delay).
+MERGE_ATTEMPTS = 5
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -76,15 +78,20 @@ async def test_concurrent_renders_equal_solo_renders(batching_renderer: LiveServ
     ]
     solo = [(await stub.Render(request, timeout=60)).images.data for request in requests]
 
-    batches_before, samples_before = batch_stats(RENDERER_NAME, "1")
-    together = await asyncio.gather(*(stub.Render(request, timeout=60) for request in requests))
-    batches, samples = (after - before for after, before in zip(batch_stats(RENDERER_NAME, "1"),
-                                                               (batches_before, samples_before)))
-    # 32 x 48 fields with 32 px tiles (overlap 8): 2 tiles per request, batches of up to 4 samples,
-    # so fewer batches than requests means tiles of different requests shared a batch.
-    assert samples == CLIENTS * 2
-    assert batches < CLIENTS, "concurrent requests were never merged; the test would prove nothing"
-    assert [response.images.data for response in together] == solo
+    merged_once = False
+    for _ in range(MERGE_ATTEMPTS):  # as in the refinement test below: repeat until a round shared batches
+        batches_before, samples_before = batch_stats(RENDERER_NAME, "1")
+        together = await asyncio.gather(*(stub.Render(request, timeout=60) for request in requests))
+        batches, samples = (after - before for after, before in zip(batch_stats(RENDERER_NAME, "1"),
+                                                                   (batches_before, samples_before)))
+        # 32 x 48 fields with 32 px tiles (overlap 8): 2 tiles per request, batches of up to 4 samples,
+        # so fewer batches than requests means tiles of different requests shared a batch.
+        assert samples == CLIENTS * 2
+        assert [response.images.data for response in together] == solo
+        if batches < CLIENTS:
+            merged_once = True
+            break
+    assert merged_once, f"concurrent requests were never merged in {MERGE_ATTEMPTS} rounds; the test proved nothing"
 
 
 async def test_distinct_seeds_give_distinct_images_and_repeat_exactly(batching_renderer: LiveServer) -> None:
@@ -114,9 +121,16 @@ async def test_concurrent_refinements_equal_solo_refinements(batching_refiner: L
         for i in range(CLIENTS)
     ]
     solo = [await stub.Refine(request, timeout=60) for request in requests]
-    batches_before, _ = batch_stats(REFINER_NAME, "2")
-    together = await asyncio.gather(*(stub.Refine(request, timeout=60) for request in requests))
-    assert batch_stats(REFINER_NAME, "2")[0] - batches_before < CLIENTS
-    for alone, merged in zip(solo, together):
-        assert alone.fine_masks.data == merged.fine_masks.data
-        assert alone.noise_labels.data == merged.noise_labels.data
+    # Every concurrent round must equal the solo calls; on a busy host the calls may arrive too far apart to
+    # share a batch, so rounds repeat until one did (else the test would prove nothing).
+    merged_once = False
+    for _ in range(MERGE_ATTEMPTS):
+        batches_before, _ = batch_stats(REFINER_NAME, "2")
+        together = await asyncio.gather(*(stub.Refine(request, timeout=60) for request in requests))
+        for alone, merged in zip(solo, together, strict=True):
+            assert alone.fine_masks.data == merged.fine_masks.data
+            assert alone.noise_labels.data == merged.noise_labels.data
+        if batch_stats(REFINER_NAME, "2")[0] - batches_before < CLIENTS:
+            merged_once = True
+            break
+    assert merged_once, f"concurrent requests were never merged in {MERGE_ATTEMPTS} rounds; the test proved nothing"
