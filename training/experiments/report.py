@@ -74,7 +74,26 @@ def git_commit() -> str:
 
 
 def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor() or "unknown"}
+    """Where a report was made. CPU model and bf16 instruction sets are recorded because bf16 training numbers are
+    bit-identical on the same CPU type but differ across types (oneDNN picks other bf16 kernels, e.g. AMX)."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor() or "unknown",
+            **cpu_identity()}
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """{"cpu_model", "bf16_isa"} from /proc/cpuinfo ("unknown" and [] where it cannot be read)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {"cpu_model": "unknown", "bf16_isa": []}
+    model, flags = "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"cpu_model": model, "bf16_isa": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})}
 
 
 @dataclass
@@ -107,7 +126,8 @@ class ExperimentReport:
         }
         (self.out_dir / "report.json").write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable))
         header = (f"# Experiment: {self.name}\n\nReproduce: `{self.command}` (writes this folder). "
-                  f"Code {payload['code_version']}, {payload['machine']['cpus']} CPUs, "
+                  f"Code {payload['code_version']}, {payload['machine']['cpus']} CPUs "
+                  f"({payload['machine']['cpu_model']}; bf16: {', '.join(payload['machine']['bf16_isa']) or 'none'}), "
                   f"{payload['wall_seconds']} s wall. All numbers: `report.json`.\n\n")
         path = self.out_dir / "README.md"
         path.write_text(header + markdown.rstrip() + "\n")
