@@ -455,6 +455,27 @@ def stain_distances(a: np.ndarray, b: np.ndarray, seed: int = 0, pixels: int = 2
             for i, name in enumerate(("H", "E", "DAB"))}
 
 
+def nucleus_contrast(images: np.ndarray, instances: np.ndarray, min_pixels: int = 64) -> np.ndarray:
+    """Per crop: mean rgb2hed hematoxylin optical density inside nuclei minus outside them.
+
+    The issue's "too little nucleus/background contrast" as one number per crop; crops with fewer than
+    ``min_pixels`` nucleus or background pixels have no contrast to measure and are left out."""
+    values = []
+    for image, instance in zip(images, instances, strict=True):
+        nucleus = instance > 0
+        if nucleus.sum() < min_pixels or (~nucleus).sum() < min_pixels:
+            continue
+        h = rgb2hed(image)[..., 0]
+        values.append(float(h[nucleus].mean() - h[~nucleus].mean()))
+    return np.asarray(values, dtype=np.float64)
+
+
+def contrast_scores(held_back: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """Nucleus contrast of a crop set: mean ± std, and its 1-D Wasserstein distance to the held-back crops'."""
+    return {"mean": float(other.mean()), "std": float(other.std(ddof=1)) if other.size > 1 else 0.0,
+            "n": int(other.size), "w1_to_held_back": float(scipy_stats.wasserstein_distance(held_back, other))}
+
+
 def distribution_scores(settings: Settings, data_dir: Path, store: Path,
                         versions: Sequence[str]) -> dict[str, Any]:
     """Synthetic vs held-back real, and real (training tiles) vs held-back real, at equal n."""
@@ -462,16 +483,19 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
     config = experiment_config(store)
     with ScoringSession(store, config) as scorer:
         for dataset in settings.datasets:
-            test = np.load(data_dir / f"{dataset}-test.npz")["images"]
+            test = np.load(data_dir / f"{dataset}-test.npz")
             size = settings.crop
-            held = data.grid_crops(list(test), size, max(size // 2, 1))
+            held = data.grid_crops(list(test["images"]), size, max(size // 2, 1))
+            held_instances = data.grid_crops(list(test["instances"]), size, max(size // 2, 1))
             seed0 = settings.seeds[0]
             arrays = np.load(data_dir / f"{dataset}-seed{seed0}.npz")
-            # Real training crops from the seed's mask-source tiles: the tiles the synthetic masks come from.
-            real_train = arrays["mask_source_images"]
+            # Real training crops from the seed's mask-source tiles: the tiles the synthetic masks come from
+            # (crop i of mask_source_images is the real image of mask i, so both sets share their masks).
+            real_train, mask_instances = arrays["mask_source_images"], arrays["mask_instances"]
             n = min(settings.distribution_crops, len(held), len(real_train))
-            rng = np.random.default_rng(0)
-            held_n = held[rng.permutation(len(held))[:n]]
+            order = np.random.default_rng(0).permutation(len(held))[:n]
+            held_n = held[order]
+            held_contrast = nucleus_contrast(held_n, held_instances[order])
             entry: dict[str, Any] = {"n": int(n), "held_back_crops_available": int(len(held)),
                                      "warning": None if n >= 256 else
                                      f"n = {n} < 256 crops: FID is biased upwards at small n, compare only "
@@ -479,10 +503,15 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
             options = ScoreOptions(kid_subset_size=max(2, n // 2), kid_subsets=100)
             entry["real_vs_real"] = scorer.score(held_n, real_train[:n], options)
             entry["real_vs_real"]["stain_wasserstein"] = stain_distances(held_n, real_train[:n])
+            entry["held_back_nucleus_contrast"] = contrast_scores(held_contrast, held_contrast)
+            entry["real_vs_real"]["nucleus_contrast"] = contrast_scores(
+                held_contrast, nucleus_contrast(real_train[:n], mask_instances[:n]))
             for version in versions:
                 synthetic = np.load(data_dir / f"{dataset}-seed{seed0}-v{version}.npz")["images"][:n]
                 entry[f"v{version}"] = scorer.score(held_n, synthetic, options)
                 entry[f"v{version}"]["stain_wasserstein"] = stain_distances(held_n, synthetic)
+                entry[f"v{version}"]["nucleus_contrast"] = contrast_scores(
+                    held_contrast, nucleus_contrast(synthetic, mask_instances[:n]))
             out[dataset] = entry
     return out
 
@@ -535,10 +564,23 @@ def summarize(settings: Settings, results: Sequence[Mapping[str, Any]], meta: Ma
     return summary
 
 
-def done_when(summary: Mapping[str, Any], version: str) -> dict[str, Any]:
-    """Issue #17's acceptance checks for one renderer version, on MoNuSeg."""
+def done_when(summary: Mapping[str, Any], version: str,
+              distribution: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Issue #17's acceptance checks for one renderer version, on MoNuSeg.
+
+    With the distribution scores, also the render checks: encoder FID <= 1.5x real-vs-real at equal n, recall >= 0.3,
+    and H and nucleus contrast "within the real-vs-real spread", read as: the renders' 1-D Wasserstein distance to the
+    held-back crops is at most that of real crops from the training tiles."""
     k16, k64 = summary.get(f"monuseg/k16/v{version}"), summary.get(f"monuseg/k64/v{version}")
     checks: dict[str, Any] = {}
+    rendered = (distribution or {}).get(f"v{version}")
+    if rendered is not None:
+        reference = distribution["real_vs_real"]
+        checks["FID <= 1.5x real-vs-real"] = bool(rendered["fid"] <= 1.5 * reference["fid"])
+        checks["recall >= 0.3"] = bool(rendered["recall"] >= 0.3)
+        checks["W1 H <= real-vs-real"] = bool(rendered["stain_wasserstein"]["H"] <= reference["stain_wasserstein"]["H"])
+        checks["W1 nucleus contrast <= real-vs-real"] = bool(
+            rendered["nucleus_contrast"]["w1_to_held_back"] <= reference["nucleus_contrast"]["w1_to_held_back"])
     # A check whose arm was not trained (--arms) is left out rather than reported as failed.
     if k16 and k16["arms"]["B"] is not None:
         for metric in ("pixel_dice", "object_f1"):
@@ -560,7 +602,7 @@ def write_report(out: Path, command: str, settings: Settings, meta: Mapping[str,
     report = ExperimentReport(NAME, command, out)
     report.started = started
     summary = summarize(settings, results, meta, versions)
-    checks = {f"v{v}": done_when(summary, v) for v in versions}
+    checks = {f"v{v}": done_when(summary, v, distributions.get("monuseg")) for v in versions}
     gains = {f"{d}/A(k{max(settings.ks[d])})-A(k{min(settings.ks[d])})":
              {m: real_data_gain(results, d, min(settings.ks[d]), max(settings.ks[d]), m) for m in METRICS}
              for d in settings.datasets if len(settings.ks[d]) > 1}
@@ -606,9 +648,14 @@ Per organ (pixel Dice; differences paired by seed):
             s = entry[name]
             label = ("real (training tiles) vs held-back" if name == "real_vs_real"
                      else f"{RENDERER} {_title(name[1:])} vs held-back")
+            contrast = s["nucleus_contrast"]
             dist_rows.append([dataset, label, str(entry["n"]), f"{s['fid']:.1f}", f"{s['kid_mean']:.4f}",
                               f"{s['precision']:.3f}", f"{s['recall']:.3f}",
-                              f"{s['stain_wasserstein']['H']:.4f}", f"{s['stain_wasserstein']['E']:.4f}"])
+                              f"{s['stain_wasserstein']['H']:.4f}", f"{s['stain_wasserstein']['E']:.4f}",
+                              f"{contrast['mean']:.4f} ± {contrast['std']:.4f}", f"{contrast['w1_to_held_back']:.4f}"])
+        held = entry["held_back_nucleus_contrast"]
+        dist_rows.append([dataset, "held-back crops themselves", str(entry["n"]), "", "", "", "", "", "",
+                          f"{held['mean']:.4f} ± {held['std']:.4f}", ""])
     extractor = "?"
     if distributions:
         e = next(iter(distributions.values()))["real_vs_real"]["extractor"]
@@ -640,9 +687,13 @@ Differences are arm − A per seed: mean ± std (two-sided paired t-test p, seed
 ## Distribution and stain scores (seed {settings.seeds[0]}'s synthetic crops)
 
 Extractor: `{extractor}`. KID subsets of n/2. Stain: 1-D Wasserstein distance of rgb2hed optical densities.
+Nucleus contrast: per crop, mean rgb2hed H inside the crop's nuclei minus outside (held-back crops with their true
+masks; real training crops and renders with the masks the renders were made from), mean ± std and its W1 distance to
+the held-back crops' values.
 {chr(10).join(warnings)}
 
-{table(["data", "set", "n", "FID", "KID", "precision", "recall", "W1 H", "W1 E"], dist_rows)}
+{table(["data", "set", "n", "FID", "KID", "precision", "recall", "W1 H", "W1 E", "nucleus contrast",
+        "W1 contrast"], dist_rows)}
 Grids: `segmentation.png` (held-back crop | truth | A | B | C, k = {min(min(v) for v in settings.ks.values())}, seed
 {settings.seeds[0]}; classes: interior, boundary), `synthetic_<dataset>.png` (mask | render per version | real image of
 that mask).

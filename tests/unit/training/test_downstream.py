@@ -104,6 +104,12 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
     assert dist["n"] == quick.distribution_crops and "warning" in dist and dist["warning"]
     assert dist["v1"]["extractor"]["name"] == "histology-encoder"
     assert set(dist["v1"]["stain_wasserstein"]) == {"H", "E", "DAB"}
+    for name in ("real_vs_real", "v1"):
+        contrast = dist[name]["nucleus_contrast"]
+        assert contrast["n"] > 0 and np.isfinite(contrast["mean"]) and contrast["w1_to_held_back"] >= 0
+    assert dist["held_back_nucleus_contrast"]["mean"] > 0  # real nuclei hold more hematoxylin than their surround
+    assert {"FID <= 1.5x real-vs-real", "recall >= 0.3", "W1 H <= real-vs-real",
+            "W1 nucleus contrast <= real-vs-real"} <= set(report["done_when"]["v1"])
     synthetic = np.load(runs / "data" / "monuseg-seed0-v1.npz")["images"]
     assert synthetic.shape == (quick.synthetic_factor * 2, quick.crop, quick.crop, 3) and synthetic.dtype == np.uint8
     readme = (out / "README.md").read_text()
@@ -221,3 +227,26 @@ def test_done_when_leaves_out_checks_of_arms_that_were_not_trained() -> None:
                                              "C-A": {"pixel_dice": None, "object_f1": None}}}}
     assert downstream.done_when(summary, "3") == {"k16 B-A pixel_dice >= +0.03, p < 0.05": True,
                                                   "k16 B-A object_f1 >= +0.03, p < 0.05": True}
+
+
+def test_done_when_adds_the_render_checks_from_the_distribution_scores() -> None:
+    summary: dict = {}
+    reference = {"fid": 100.0, "recall": 0.3, "stain_wasserstein": {"H": 0.005}, "nucleus_contrast": {"w1_to_held_back": 0.02}}
+    rendered = {"fid": 140.0, "recall": 0.2, "stain_wasserstein": {"H": 0.01}, "nucleus_contrast": {"w1_to_held_back": 0.01}}
+    checks = downstream.done_when(summary, "6", {"real_vs_real": reference, "v6": rendered})
+    assert checks == {"FID <= 1.5x real-vs-real": True, "recall >= 0.3": False, "W1 H <= real-vs-real": False,
+                      "W1 nucleus contrast <= real-vs-real": True}
+    assert downstream.done_when(summary, "6", None) == {}
+
+
+def test_nucleus_contrast_is_hematoxylin_inside_minus_outside_and_skips_crops_without_nuclei() -> None:
+    instances = np.zeros((3, 32, 32), np.int32)
+    instances[:2, 8:24, 8:24] = 1
+    images = np.full((3, 32, 32, 3), 230, np.uint8)
+    images[0][instances[0] > 0] = (80, 40, 140)  # dark purple nuclei: hematoxylin
+    contrast = downstream.nucleus_contrast(images, instances)
+    assert contrast.shape == (2,)  # the third crop has no nucleus
+    assert contrast[0] > 0.05 and abs(contrast[1]) < 1e-9  # the second crop's nuclei look like background
+    scores = downstream.contrast_scores(contrast, contrast[:1])
+    assert scores["n"] == 1 and scores["w1_to_held_back"] == pytest.approx(abs(contrast[0] - contrast[1]) / 2)
+
