@@ -113,6 +113,12 @@ class ServedModel:
         tensors = sum(array.nbytes for array in feeds.values())
         return self.memory.estimate(rows, height, width) + 2 * tensors
 
+    def check_row_fits(self, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        """RESOURCE_EXHAUSTED when one row of inputs of these shapes ([N, ...] each) could never fit the memory
+        budget, judged from shapes alone: callers check before they build large input tensors, not after."""
+        one_row = {name: np.broadcast_to(np.zeros((), dtype), (1, *shape[1:])) for name, (shape, dtype) in shapes.items()}
+        self.budget.check(self.estimate(one_row), self.describe_call(one_row))
+
     def describe_call(self, feeds: Mapping[str, np.ndarray]) -> str:
         rows = _batch_rows(feeds)
         height, width = max((spatial_size(array.shape) for array in feeds.values()), key=lambda hw: hw[0] * hw[1])

@@ -219,6 +219,9 @@ class FeatureExtractor:
                     f"{spec.min_size} x {spec.min_size} minimum of extractor {self.served.manifest.key}"
                 )
         groups = groups_by_size(items)
+        for indices in groups.values():  # refuse what can never fit before converting gigabytes of pixels
+            height, width = items[indices[0]].shape[:2]
+            self.served.check_row_fits({spec.input_name: ((len(indices), 3, height, width), np.dtype(spec.input_dtype))})
 
         async def run(indices: list[int]) -> dict[str, np.ndarray]:
             # The float conversion of a large batch takes hundreds of ms: off the event loop, like PNG decoding.

@@ -81,3 +81,19 @@ def test_shipped_models_get_derived_memory_models() -> None:
     renderer = memory_model_for(store.get("renderer-he-glands"))
     assert not renderer.has_attention
     assert 34 * 2**20 <= renderer.estimate(1, 256, 256) <= 8 * 34 * 2**20  # measured 34 MiB
+
+
+def test_a_row_that_can_never_fit_is_refused_from_its_shape_before_any_tensor_exists() -> None:
+    import numpy as np
+
+    from services.model_host import ServedModel
+
+    store = ModelStore(REPO_ROOT / "model_store")
+    manifest = store.get("histology-encoder")
+    model = MemoryModel(bytes_per_pixel=100.0)
+    served = ServedModel(manifest, pool=None, batcher=None, memory=model, budget=MemoryBudget(64 * 2**20))  # type: ignore[arg-type]
+    name = manifest.inputs[0].name
+    served.check_row_fits({name: ((500, 3, 256, 256), np.dtype(np.float32))})  # 7 MiB a row: rows are split later
+    with pytest.raises(HistosynthError, match="more than this server's memory budget") as caught:
+        served.check_row_fits({name: ((4, 3, 2048, 2048), np.dtype(np.float32))})  # ~500 MiB for one row
+    assert caught.value.status == "RESOURCE_EXHAUSTED" and "1 row(s) of 2048 x 2048" in caught.value.message
