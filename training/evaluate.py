@@ -261,6 +261,21 @@ def _model_ref(manifest: ModelManifest) -> dict[str, str]:
     return {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256}
 
 
+async def render_all(host: ModelHost, name: str, crops: Crops, seed: int, version: str = "") -> np.ndarray:
+    """Every crop's class map through RenderingPipeline (the Render service's path); batch b gets seed + its start."""
+    rendering = RenderingPipeline(host)
+    rendered = []
+    for start in range(0, len(crops.class_maps), RENDER_BATCH):
+        stop = start + RENDER_BATCH
+        result = await rendering.render(
+            crops.class_maps[start:stop], model=name, version=version,
+            instance_maps=None if crops.instances is None else crops.instances[start:stop],
+            seed=seed + start,
+        )
+        rendered.append(result.images)
+    return np.concatenate(rendered)
+
+
 async def evaluate_renderer(host: ModelHost, name: str, data_root: Path, settings: EvalSettings) -> dict[str, Any]:
     served = await host.get(name)
     manifest = served.manifest
@@ -268,17 +283,7 @@ async def evaluate_renderer(host: ModelHost, name: str, data_root: Path, setting
     crops = await asyncio.to_thread(sample_crops, held, settings.max_images, settings.seed,
                                     lambda source, sample: source.class_map(sample))
     started = time.perf_counter()
-    rendering = RenderingPipeline(host)
-    rendered = []
-    for start in range(0, len(crops.class_maps), RENDER_BATCH):
-        stop = start + RENDER_BATCH
-        result = await rendering.render(
-            crops.class_maps[start:stop], model=name,
-            instance_maps=None if crops.instances is None else crops.instances[start:stop],
-            seed=settings.seed + start,
-        )
-        rendered.append(result.images)
-    synthetic = np.concatenate(rendered)
+    synthetic = await render_all(host, name, crops, settings.seed)
     render_seconds = time.perf_counter() - started
 
     extractor = await ScoringPipeline(host).extractor(settings.encoder)
@@ -365,32 +370,59 @@ TISSUE_MASK_CLASSES: Final = (1,)
 TISSUE_BORDER_OBJECTS: Final = True
 
 
+def tissue_mask_features(masks: np.ndarray) -> list[mask_stats.MaskSetFeatures]:
+    """Per-mask shape features of binary tissue masks, as tissue_shape_scores measures them (for a bootstrap)."""
+    return [mask_stats.mask_set_features([mask], TISSUE_MASK_CLASSES, include_border_objects=TISSUE_BORDER_OBJECTS)
+            for mask in masks]
+
+
 def tissue_shape_scores(real: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     """mask_stats shape statistics of binary tissue masks ``other`` vs ``real`` (MaskSetComparison.as_dict())."""
     return mask_stats.score_mask_sets(real, other, TISSUE_MASK_CLASSES,
                                       include_border_objects=TISSUE_BORDER_OBJECTS).as_dict()
 
 
-async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings: EvalSettings) -> dict[str, Any]:
-    served = await host.get(name)
-    manifest = served.manifest
+@dataclass(frozen=True)
+class RefinerMasks:
+    """Held-back (real fine, coarse) mask pairs for a refiner, made with its own training recipe."""
+
+    held: HeldBack
+    fine: np.ndarray  # uint8 [N, H, W], tissue_mask of the real crops
+    coarse: np.ndarray  # uint8 [N, H, W], coarsen_mask(fine) with the manifest's opening/closing
+    stain: str
+    open_size: int
+    close_size: int
+
+
+def refiner_masks(manifest: ModelManifest, data_root: Path, settings: EvalSettings) -> RefinerMasks:
     data = _training_data(manifest)
     held = held_back(manifest, data_root)
-    stain = str(data.get("stain", served.metadata.get("stain", "he")))
-    coarsening = served.metadata.get("coarsening") or {}
+    stain = str(data.get("stain", manifest.metadata.get("stain", "he")))
+    coarsening = manifest.metadata.get("coarsening") or {}
     open_size = int(coarsening.get("open_size", data.get("open_size", 5)))
     close_size = int(coarsening.get("close_size", data.get("close_size", 10)))
-    crops = await asyncio.to_thread(sample_crops, held, settings.max_images, settings.seed,
-                                    lambda source, sample: sample.class_map)
+    crops = sample_crops(held, settings.max_images, settings.seed, lambda source, sample: sample.class_map)
     fine = np.stack([mask_ops.tissue_mask(image, stain) for image in crops.images]).astype(np.uint8)
     coarse = np.stack([mask_ops.coarsen_mask(mask.astype(bool), open_size, close_size) for mask in fine])
-    coarse = coarse.astype(np.uint8)
-    started = time.perf_counter()
+    return RefinerMasks(held, fine, coarse.astype(np.uint8), stain, open_size, close_size)
+
+
+async def refine_all(host: ModelHost, name: str, coarse: np.ndarray, version: str = "") -> np.ndarray:
+    """Every coarse mask through RefinementPipeline (the Refine service's path), in batches of RENDER_BATCH."""
     refinement = RefinementPipeline(host, default_model=name)
-    refined = np.concatenate([
-        (await refinement.refine(coarse[start:start + RENDER_BATCH], model=name)).fine_masks
+    return np.concatenate([
+        (await refinement.refine(coarse[start:start + RENDER_BATCH], model=name, version=version)).fine_masks
         for start in range(0, len(coarse), RENDER_BATCH)
     ])
+
+
+async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings: EvalSettings) -> dict[str, Any]:
+    manifest = (await host.get(name)).manifest
+    masks = await asyncio.to_thread(refiner_masks, manifest, data_root, settings)
+    held, fine, coarse = masks.held, masks.fine, masks.coarse
+    stain, open_size, close_size = masks.stain, masks.open_size, masks.close_size
+    started = time.perf_counter()
+    refined = await refine_all(host, name, coarse)
     refine_seconds = time.perf_counter() - started
 
     def tables() -> dict[str, Any]:
@@ -410,7 +442,7 @@ async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings
         "serving_path": "services.mask_refinement.pipeline.RefinementPipeline over services.model_host.ModelHost "
                         "(ONNX Runtime CPU)",
         "data": {
-            **_held_back_summary(data_root, held, len(crops.images), settings.seed),
+            **_held_back_summary(data_root, held, len(fine), settings.seed),
             "fine_mask": f"tissue_mask(crop, {stain!r})",
             "coarse_mask": f"coarsen_mask(fine, open {open_size}, close {close_size}) (the training recipe)",
         },
@@ -418,8 +450,8 @@ async def evaluate_refiner(host: ModelHost, name: str, data_root: Path, settings
         "refine_seconds": refine_seconds,
         "settings": _settings_dict(settings),
         "notes": [
-            _sample_notes(held, len(crops.images))[0] + " KS p-values overstate the evidence.",
-            *_sample_notes(held, len(crops.images))[2:],
+            _sample_notes(held, len(fine))[0] + " KS p-values overstate the evidence.",
+            *_sample_notes(held, len(fine))[2:],
             "Shape statistics (services/scoring/mask_stats.py): per-object features of tissue (class 1) objects "
             "pooled over the crops, border objects measured as cut; mean KS and mean Jensen-Shannon divergence "
             "(bits, 20 shared bins) over the object features; lower = closer to the real fine masks.",

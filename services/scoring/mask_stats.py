@@ -304,6 +304,31 @@ def mask_set_features(
     return MaskSetFeatures(classes, count, connectivity, include_border_objects)
 
 
+def pool_mask_set_features(parts: Sequence[MaskSetFeatures]) -> MaskSetFeatures:
+    """Features of the union of mask sets (per-mask features pooled as mask_set_features pools them): a bootstrap
+    over masks resamples per-mask features instead of measuring every object again."""
+    if not parts:
+        raise ScoringInputError("pool_mask_set_features needs at least one feature set")
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.class_ids, part.connectivity, part.include_border_objects) != (
+                first.class_ids, first.connectivity, first.include_border_objects):
+            raise ScoringInputError("pooled feature sets must share class ids, connectivity and border handling")
+    classes = {
+        c: ClassFeatures(
+            class_id=c,
+            objects=np.concatenate([part.classes[c].objects for part in parts]),
+            image=np.concatenate([part.classes[c].image for part in parts]),
+            total_objects=sum(part.classes[c].total_objects for part in parts),
+            border_objects=sum(part.classes[c].border_objects for part in parts),
+            masks_with_class=sum(part.classes[c].masks_with_class for part in parts),
+        )
+        for c in first.class_ids
+    }
+    return MaskSetFeatures(classes, sum(part.masks for part in parts), first.connectivity,
+                           first.include_border_objects)
+
+
 # --------------------------------------------------------------------------- two samples
 
 

@@ -29,6 +29,7 @@ from services.scoring.mask_stats import (
     ks_statistic,
     mask_objects,
     mask_set_features,
+    pool_mask_set_features,
     score_mask_sets,
     shared_histograms,
 )
@@ -291,3 +292,19 @@ def test_empty_bins_stay_finite() -> None:
         shared_histograms([0.0], [1.0], bins=0)
     with pytest.raises(ScoringInputError, match="non-empty"):
         js_divergence([], [1.0])
+
+
+def test_pooled_per_mask_features_equal_the_features_of_the_whole_set() -> None:
+    rng = np.random.default_rng(5)
+    real = [(scipy.ndimage.gaussian_filter(rng.random((48, 48)), 3) > 0.5).astype(np.uint8) for _ in range(6)]
+    other = [(scipy.ndimage.gaussian_filter(rng.random((48, 48)), 2) > 0.5).astype(np.uint8) for _ in range(5)]
+    whole = score_mask_sets(real, other, (1,), include_border_objects=True)
+
+    def per_mask(masks: list[np.ndarray]) -> list:
+        return [mask_set_features([mask], (1,), include_border_objects=True) for mask in masks]
+
+    pooled = compare_mask_sets(pool_mask_set_features(per_mask(real)), pool_mask_set_features(per_mask(other)))
+    assert pooled.as_dict() == whole.as_dict()
+    with pytest.raises(ScoringInputError, match="share class ids"):
+        pool_mask_set_features([mask_set_features([real[0]], (1,)), mask_set_features([real[0]], (0, 1))])
+
