@@ -66,3 +66,47 @@ def test_rerunning_the_output_check_keeps_a_failed_quality_check(renderer_v2) ->
     assert merged["output_passed"] is True and merged["passed"] is False and merged["quality"]["passed"] is False
     other_file = {**fresh, "sha256": "0" * 64}
     assert keep_quality(other_file, read_checks(renderer_v2)) == other_file
+
+
+def test_refiner_bf16_entry_records_output_and_held_back_quality() -> None:
+    refiner = ModelStore(SHIPPED).get("mask-refiner", "2")
+    [bf16] = [c for c in read_checks(refiner) if (c["runtime"], c["precision"]) == ("openvino", "bf16")]
+    quality = bf16["quality"]
+    assert bf16["output_passed"] is True and quality["passed"] is True and bf16["passed"] is True
+    dice = quality["dice"]["variant_minus_fp32"]
+    assert dice["n"] >= 256 and abs(dice["mean"]) < dice["margin"] and max(dice["p_lower"], dice["p_upper"]) < 0.05
+    for key in ("mean_ks", "mean_js"):
+        low, high = quality["shape"]["fp32_ci95"][key]
+        assert low <= quality["shape"]["variant"][key] <= high
+    assert passing_check(refiner, "openvino", "bf16") is not None
+
+
+@pytest.mark.parametrize(("model", "version"), [("renderer-he-glands", "2"), ("renderer-he-nuclei", "1")])
+def test_renderer_bf16_entries_record_held_back_fid_quality(model: str, version: str) -> None:
+    manifest = ModelStore(SHIPPED).get(model, version)
+    [bf16] = [c for c in read_checks(manifest) if (c["runtime"], c["precision"]) == ("openvino", "bf16")]
+    quality = bf16["quality"]
+    assert bf16["output_passed"] is True and quality["passed"] is True and bf16["passed"] is True
+    low, high = quality["fp32_vs_held_back"]["fid_ci95"]
+    assert low <= quality["variant_vs_held_back"]["fid"] <= high
+    assert "not_checked" not in bf16
+
+
+def test_refiner_quality_statistics() -> None:
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(SHIPPED.parent / "scripts"))
+    from eval_precision_quality import dice_per_crop, equivalence
+
+    truth = np.zeros((3, 8, 8), np.uint8)
+    truth[:2, 2:6, 2:6] = 1
+    predicted = truth.copy()
+    predicted[1, 2:6, 2:4] = 0  # half the square
+    assert dice_per_crop(predicted, truth).tolist() == pytest.approx([1.0, 2 * 8 / (8 + 16), 1.0])  # empty vs empty = 1
+    small = equivalence(np.array([0.001, -0.001, 0.0005, 0.0, 0.0002]), margin=0.005)
+    assert small["p_lower"] < 0.05 and small["p_upper"] < 0.05
+    shifted = equivalence(np.full(10, 0.01) + np.linspace(-1e-4, 1e-4, 10), margin=0.005)
+    assert shifted["p_upper"] > 0.5  # a consistent 0.01 shift is not equivalent within 0.005
+    assert equivalence(np.zeros(4), margin=0.005)["p_lower"] == 0.0
