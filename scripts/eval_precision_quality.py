@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from services.core.model_store import ModelStore  # noqa: E402
 from services.scoring import mask_stats  # noqa: E402
-from services.core.runtimes.selection import RuntimeSelection, read_checks, record_check  # noqa: E402
+from precision_quality import record_quality  # noqa: E402  (scripts/ is on sys.path as this script's directory)
+from services.core.runtimes.selection import RuntimeSelection, read_checks  # noqa: E402
 from services.model_host import HostSettings, ModelHost  # noqa: E402
 from training.evaluate import (  # noqa: E402
     EvalSettings,
@@ -242,17 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"scripts/check_precision.py --model {args.model} --version {args.version} first")
     entry = entries[0]
     measure = refiner_quality if manifest.kind == "refiner" else renderer_quality
-    quality = measure(store, manifest, engine, precision, args)
-    quality_ok = quality["passed"]
-    output_ok = bool(entry.get("output_passed", entry.get("passed")))
-    updated = {**entry, "passed": bool(output_ok and quality_ok), "output_passed": output_ok, "quality": quality}
-    updated.pop("not_checked", None)
-    print(json.dumps(quality, indent=1))
-    if not args.dry_run:
-        path = record_check(manifest, updated)
-        print(f"{'PASSED' if updated['passed'] else 'FAILED'} (output {output_ok}, quality {quality_ok}): "
-              f"recorded in {path.relative_to(ROOT)}")
-    return 0 if updated["passed"] else 1
+    return record_quality(manifest, entry, measure(store, manifest, engine, precision, args), args.dry_run)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                                            args.crops, args.seeds[0], manifest.version, label, args.fid_bootstrap)
     downstream_ok = all(m["within"] for arm in downstream.values() for m in arm.values() if "within" in m)
     quality_ok = downstream_ok and distribution["fid_within"] and distribution["kid_within"]
-    output_ok = bool(entry.get("output_passed", entry.get("passed")))
     failures = [f"downstream {arm} {metric}: variant {e['variant_mean']} vs fp32 {e['fp32_mean']} (95 % CI "
                 f"{e['fp32_ci95']}), paired diff {e['diff_mean']:+} +- {e['diff_std']} (p = {e['p_paired_t']})"
                 for arm, ms in downstream.items() for metric, e in ms.items() if e.get("within") is False]
@@ -181,11 +180,23 @@ def main(argv: list[str] | None = None) -> int:
         "downstream": downstream,
         "distribution": distribution,
     }
-    updated = {**entry, "passed": bool(output_ok and quality_ok), "output_passed": output_ok, "quality": quality,
-               "not_checked": f"downstream arms other than {args.dataset} k = {args.k} (CoNSeP, k = 64); other "
-               "models and versions need their own entries"}
+    return record_quality(manifest, entry, quality, args.dry_run, not_checked=(
+        f"downstream arms other than {args.dataset} k = {args.k} (CoNSeP, k = 64); other models and versions need "
+        "their own entries"))
+
+
+def record_quality(manifest: Any, entry: dict[str, Any], quality: dict[str, Any], dry_run: bool,
+                   not_checked: str | None = None) -> int:
+    """The output-check entry with ``quality`` added and ``passed`` = output AND quality; printed, and recorded
+    unless ``dry_run``. Exit status 0 when the entry passes."""
+    output_ok = bool(entry.get("output_passed", entry.get("passed")))
+    quality_ok = bool(quality["passed"])
+    updated = {**entry, "passed": output_ok and quality_ok, "output_passed": output_ok, "quality": quality}
+    updated.pop("not_checked", None)
+    if not_checked:
+        updated["not_checked"] = not_checked
     print(json.dumps(quality, indent=1))
-    if not args.dry_run:
+    if not dry_run:
         path = record_check(manifest, updated)
         print(f"{'PASSED' if updated['passed'] else 'FAILED'} (output {output_ok}, quality {quality_ok}): "
               f"recorded in {path.relative_to(ROOT)}")
