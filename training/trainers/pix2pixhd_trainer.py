@@ -21,7 +21,13 @@ from training.data.derived_labels import TissueGlandDataset
 from training.data.benchmark_split import held_back_groups
 from training.data.shared_layout import load_records, split_records
 from training.data.instance_targets import BACKGROUND, BOUNDARY, INTERIOR
-from training.losses import boundary_consistency_loss, feature_matching_loss, lsgan_loss, mask_consistency_loss
+from training.losses import (
+    boundary_consistency_loss,
+    feature_matching_loss,
+    lsgan_loss,
+    mask_consistency_loss,
+    nucleus_area_loss,
+)
 from training.models.pix2pixhd_global import GlobalGenerator, MultiscaleDiscriminator
 from training.models.tissue_segmenter import TissueSegmenter
 from training.trainers.base import CHECKPOINT_NAME, GanTrainer, to_uint8_image
@@ -32,7 +38,7 @@ DATASET_KINDS = {"mask": MaskToImageDataset, "tissue_gland": TissueGlandDataset,
 
 
 # train.consistency term kind -> the key its loss is logged under (g_seg: v3's name for the type term)
-CONSISTENCY_KINDS = {"type": "g_seg", "boundary": "g_boundary"}
+CONSISTENCY_KINDS = {"type": "g_seg", "boundary": "g_boundary", "size": "g_size"}
 
 
 @dataclass
@@ -129,6 +135,8 @@ class Pix2PixHDTrainer(GanTrainer):
           boundary: {segmenter_run, weight, boundary_weight (2)}: boundary_consistency_loss of a `nuclei_boundary`
                     segmenter against the mask's background / interior / inner-boundary map, built from the
                     renderer input's instance-edge channel (boundary_target). Logged as g_boundary.
+          size:     {segmenter_run, weight}: nucleus_area_loss, the nucleus area the segmenter sees vs the mask's
+                    (any nuclei scheme: class 0 is background). Logged as g_size.
         """
         if not settings:
             return []
@@ -147,6 +155,11 @@ class Pix2PixHDTrainer(GanTrainer):
                     raise ValueError(f"train.consistency.allowed_classes has {len(allowed)} entries for "
                                      f"{self.num_classes} renderer classes")
                 options: dict[str, Any] = {"allowed": allowed}
+            elif kind == "size":
+                if scheme not in ("he_nuclei", "nuclei_boundary"):
+                    raise ValueError(f"train.consistency size term: segmenter run {term['segmenter_run']!r} has "
+                                     f"scheme {scheme!r}; it needs a nuclei segmenter (class 0 = background)")
+                options = {}
             else:
                 if scheme != "nuclei_boundary":
                     raise ValueError(f"train.consistency boundary term: segmenter run {term['segmenter_run']!r} has "
@@ -223,6 +236,8 @@ class Pix2PixHDTrainer(GanTrainer):
                 logits = term.segmenter(rgb)
             if term.kind == "type":
                 loss_term = mask_consistency_loss(logits, class_map, term.options["allowed"])
+            elif term.kind == "size":
+                loss_term = nucleus_area_loss(logits, class_map)
             else:
                 target = boundary_target(class_map, label[:, -1])  # edges are the input's last channel
                 loss_term = boundary_consistency_loss(logits, target, term.options["boundary_weight"])

@@ -20,7 +20,7 @@ from training.data.instance_targets import BOUNDARY, INTERIOR, three_class_targe
 from training.data.scoring_data import (  # noqa: E402
     SegmenterBatchSampler, load_scheme_records, segmentation_scheme)
 from training.data.shared_layout import load_records, load_sample  # noqa: E402
-from training.losses import boundary_consistency_loss  # noqa: E402
+from training.losses import boundary_consistency_loss, nucleus_area_loss  # noqa: E402
 from training.train import load_config  # noqa: E402
 from training.trainers import get_trainer  # noqa: E402
 from training.trainers.pix2pixhd_trainer import boundary_target  # noqa: E402
@@ -197,3 +197,44 @@ def test_boundary_recipe_warm_starts_and_trains_two_steps_with_both_terms(tmp_pa
     assert all(math.isfinite(r["g_seg"]) and math.isfinite(r["g_boundary"]) and r["g_boundary"] > 0 for r in steps)
     out = runs / "renderer-he-nuclei-boundary"
     assert torch.load(out / "latest.pt", map_location="cpu", weights_only=False)["step"] == 2
+
+
+def test_nucleus_area_loss_is_the_relative_area_error_and_grows_drawn_nuclei() -> None:
+    class_map = torch.zeros(1, 16, 16, dtype=torch.long)
+    class_map[0, 4:12, 4:12] = 5  # 64 nucleus pixels
+    exact = torch.full((1, 3, 16, 16), -20.0)
+    exact[:, 0] = 20.0
+    exact[0, 1, 4:12, 4:12], exact[0, 0, 4:12, 4:12] = 20.0, -20.0  # the segmenter sees exactly the mask
+    assert nucleus_area_loss(exact, class_map).item() == pytest.approx(0.0, abs=1e-6)
+    half = exact.clone()
+    half[0, 1, 4:12, 8:12], half[0, 0, 4:12, 8:12] = -20.0, 20.0  # half the nucleus drawn
+    assert nucleus_area_loss(half, class_map).item() == pytest.approx(32 / (64 + 64), abs=1e-4)
+    logits = torch.zeros(1, 3, 16, 16, requires_grad=True)  # sees 2/3 nucleus everywhere: far too much area
+    nucleus_area_loss(logits, class_map).backward()
+    assert (logits.grad[0, 0] < 0).all()  # descending the loss raises "background" everywhere
+
+
+def test_v7_is_v6_plus_a_size_term_with_its_rule_stated() -> None:
+    v6 = load_config(CONFIGS / "renderer-he-nuclei-v6.yaml")
+    v7 = load_config(CONFIGS / "renderer-he-nuclei-v7.yaml")
+    assert v7["train"]["consistency"][:2] == v6["train"]["consistency"]
+    assert v7["train"]["consistency"][2] == {"kind": "size", "segmenter_run": "segmenter-he-nuclei-boundary",
+                                             "weight": 2.0}
+    assert {k: v for k, v in v7["train"].items() if k != "consistency"} == {
+        k: v for k, v in v6["train"].items() if k != "consistency"}
+    header = (CONFIGS / "renderer-he-nuclei-v7.yaml").read_text().split("extends:")[0]
+    assert "Ship rule for v7" in header and "nothing ships" in header
+
+
+def test_size_term_builds_on_a_nuclei_segmenter_and_trains(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    train_fixture_segmenter(runs, "segmenter-he-nuclei-consistency")
+    train_fixture_segmenter(runs, "segmenter-he-nuclei-boundary")
+    config = tiny_config("renderer-he-nuclei-v7")
+    config["train"].pop("init_from_store")  # a random tiny G: this test is about the terms, not the warm start
+    trainer = get_trainer("pix2pixhd")(config, runs / "v7", FIXTURE_DATA)
+    assert [term.kind for term in trainer.consistency] == ["type", "boundary", "size"]
+    batch = next(trainer._loader(trainer.train_set))
+    losses = trainer.train_step(batch)
+    assert math.isfinite(losses["g_size"]) and losses["g_size"] >= 0
+
