@@ -142,8 +142,13 @@ def test_v6_is_the_boundary_recipe_from_the_shipped_v3_weights() -> None:
                                               "discriminator_warmup_steps": 500}
     assert v6["train"]["consistency"] == boundary["train"]["consistency"]
     assert {k: v for k, v in v6.items() if k != "train"} == {k: v for k, v in boundary.items() if k != "train"}
-    header = (CONFIGS / "renderer-he-nuclei-v6.yaml").read_text().split("extends:")[0]
-    assert "Ship rule for v6" in header and "nothing ships" in header
+    assert_ship_rule_stated("v6")
+
+
+def assert_ship_rule_stated(version: str) -> None:
+    """A candidate's config states its ship rule in the header, committed before it is trained."""
+    header = (CONFIGS / f"renderer-he-nuclei-{version}.yaml").read_text().split("extends:")[0]
+    assert f"Ship rule for {version}" in header and "nothing ships" in header
 
 def test_consistency_list_builds_both_terms_and_the_mapping_form_still_builds_one(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
@@ -222,8 +227,7 @@ def test_v7_is_v6_plus_a_size_term_with_its_rule_stated() -> None:
                                              "weight": 2.0}
     assert {k: v for k, v in v7["train"].items() if k != "consistency"} == {
         k: v for k, v in v6["train"].items() if k != "consistency"}
-    header = (CONFIGS / "renderer-he-nuclei-v7.yaml").read_text().split("extends:")[0]
-    assert "Ship rule for v7" in header and "nothing ships" in header
+    assert_ship_rule_stated("v7")
 
 
 def test_size_term_builds_on_a_nuclei_segmenter_and_trains(tmp_path: Path) -> None:
