@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -53,7 +55,6 @@ from training.evaluate import (  # noqa: E402
     render_all,
     sample_crops,
     tissue_mask_features,
-    tissue_shape_scores,
 )
 
 VARIANTS: Final = {"openvino-bf16": ("openvino", "bf16")}
@@ -94,21 +95,27 @@ def equivalence(differences: np.ndarray, margin: float) -> dict[str, Any]:
             "p_lower": p_low, "p_upper": p_high, "changed_crops": int(np.count_nonzero(differences))}
 
 
-def bootstrap_shape_ci(fine: np.ndarray, refined: np.ndarray, resamples: int, seed: int) -> dict[str, list[float]]:
-    """95 % percentile CI of mean KS / mean JS over crop resamples (fine and refined resampled together); each
-    crop's object features are measured once and pooled per resample."""
-    real_parts, refined_parts = tissue_mask_features(fine), tissue_mask_features(refined)
+def shape_scores(real: Sequence[mask_stats.MaskSetFeatures], other: Sequence[mask_stats.MaskSetFeatures]
+                 ) -> dict[str, float | None]:
+    """Mean KS / mean JS of pooled per-crop features: training.evaluate.tissue_shape_scores on those crops."""
+    comparison = mask_stats.compare_mask_sets(mask_stats.pool_mask_set_features(real),
+                                              mask_stats.pool_mask_set_features(other))
+    return {"mean_ks": comparison.mean_ks, "mean_js": comparison.mean_js}
+
+
+def bootstrap_shape_ci(real: Sequence[mask_stats.MaskSetFeatures], refined: Sequence[mask_stats.MaskSetFeatures],
+                       resamples: int, seed: int) -> dict[str, list[float]]:
+    """95 % percentile CI of mean KS / mean JS over crop resamples (real and refined crops resampled together),
+    pooling each crop's features measured once (tissue_mask_features)."""
     rng = np.random.default_rng(seed)
-    ks, js = [], []
+    draws: dict[str, list[float]] = {"mean_ks": [], "mean_js": []}
     for _ in range(resamples):
-        pick = rng.integers(len(fine), size=len(fine))
-        comparison = mask_stats.compare_mask_sets(
-            mask_stats.pool_mask_set_features([real_parts[i] for i in pick]),
-            mask_stats.pool_mask_set_features([refined_parts[i] for i in pick]))
-        ks.append(np.nan if comparison.mean_ks is None else comparison.mean_ks)
-        js.append(np.nan if comparison.mean_js is None else comparison.mean_js)
-    return {"mean_ks": [float(np.nanpercentile(ks, 2.5)), float(np.nanpercentile(ks, 97.5))],
-            "mean_js": [float(np.nanpercentile(js, 2.5)), float(np.nanpercentile(js, 97.5))]}
+        pick = rng.integers(len(real), size=len(real))
+        scores = shape_scores([real[i] for i in pick], [refined[i] for i in pick])
+        for key, values in draws.items():
+            values.append(np.nan if scores[key] is None else scores[key])
+    return {key: [float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5))]
+            for key, values in draws.items()}
 
 
 def host_settings(name: str, engine: str, precision: str) -> HostSettings:
@@ -117,37 +124,33 @@ def host_settings(name: str, engine: str, precision: str) -> HostSettings:
                                                                                       f"{name}={precision}"))
 
 
-async def refine_with(store: ModelStore, name: str, version: str, coarse: np.ndarray, engine: str,
-                      precision: str) -> tuple[np.ndarray, float]:
-    host = ModelHost(store, {"refiner"}, host_settings(name, engine, precision), names={name})
+async def served(store: ModelStore, manifest: Any, engine: str, precision: str,
+                 work: Callable[[ModelHost], Awaitable[np.ndarray]]) -> tuple[np.ndarray, float]:
+    """``work`` on a host serving only the model under test at ``engine``/``precision``; (its result, seconds)."""
+    host = ModelHost(store, {manifest.kind}, host_settings(manifest.name, engine, precision), names={manifest.name})
     async with host:
         started = time.perf_counter()
-        refined = await refine_all(host, name, coarse, version)
-        return refined, time.perf_counter() - started
-
-
-async def render_with(store: ModelStore, name: str, version: str, crops: Any, engine: str,
-                      precision: str) -> tuple[np.ndarray, float]:
-    host = ModelHost(store, {"renderer"}, host_settings(name, engine, precision), names={name})
-    async with host:
-        started = time.perf_counter()
-        images = await render_all(host, name, crops, seed=0, version=version)
-        return images, time.perf_counter() - started
+        result = await work(host)
+        return result, time.perf_counter() - started
 
 
 def refiner_quality(store: ModelStore, manifest: Any, engine: str, precision: str, args: argparse.Namespace
                     ) -> dict[str, Any]:
     masks = refiner_masks(manifest, args.data_root, EvalSettings(max_images=args.crops, seed=0))
-    fp32, fp32_seconds = asyncio.run(refine_with(store, manifest.name, manifest.version, masks.coarse,
-                                                 "onnxruntime", "fp32"))
-    variant, variant_seconds = asyncio.run(refine_with(store, manifest.name, manifest.version, masks.coarse,
-                                                       engine, precision))
+
+    def refine(host: ModelHost) -> Awaitable[np.ndarray]:
+        return refine_all(host, manifest.name, masks.coarse, manifest.version)
+
+    fp32, fp32_seconds = asyncio.run(served(store, manifest, "onnxruntime", "fp32", refine))
+    variant, variant_seconds = asyncio.run(served(store, manifest, engine, precision, refine))
     dice_fp32, dice_variant = dice_per_crop(fp32, masks.fine), dice_per_crop(variant, masks.fine)
     dice = equivalence(dice_variant - dice_fp32, DICE_MARGIN)
     rules = QUALITY_RULES["refiner"]
     dice_ok = dice["p_lower"] < rules["p_max"] and dice["p_upper"] < rules["p_max"]
-    shape_fp32, shape_variant = tissue_shape_scores(masks.fine, fp32), tissue_shape_scores(masks.fine, variant)
-    ci = bootstrap_shape_ci(masks.fine, fp32, args.bootstrap, seed=1)
+    real_parts, fp32_parts = tissue_mask_features(masks.fine), tissue_mask_features(fp32)
+    shape_fp32, shape_variant = shape_scores(real_parts, fp32_parts), shape_scores(real_parts,
+                                                                                   tissue_mask_features(variant))
+    ci = bootstrap_shape_ci(real_parts, fp32_parts, args.bootstrap, seed=1)
     shape_ok = {key: bool(ci[key][0] <= shape_variant[key] <= ci[key][1]) for key in ("mean_ks", "mean_js")}
     failures = ([] if dice_ok else [f"Dice difference {dice['mean']:+.5f} not shown inside +-{DICE_MARGIN}"]) + [
         f"{key} {shape_variant[key]:.4f} outside fp32's CI {ci[key]}" for key, ok in shape_ok.items() if not ok]
@@ -161,8 +164,7 @@ def refiner_quality(store: ModelStore, manifest: Any, engine: str, precision: st
         f"at fp32 (onnxruntime) and at {precision} ({engine}); scripts/eval_precision_quality.py",
         "dice": {"fp32_mean": float(dice_fp32.mean()), "variant_mean": float(dice_variant.mean()),
                  "variant_minus_fp32": dice},
-        "shape": {"fp32": {k: shape_fp32[k] for k in ("mean_ks", "mean_js")}, "fp32_ci95": ci,
-                  "variant": {k: shape_variant[k] for k in ("mean_ks", "mean_js")}, "bootstrap": args.bootstrap},
+        "shape": {"fp32": shape_fp32, "fp32_ci95": ci, "variant": shape_variant, "bootstrap": args.bootstrap},
         "pixels_differing": int(np.count_nonzero(fp32 != variant)), "pixels": int(fp32.size),
         "seconds": {"fp32": round(fp32_seconds, 2), "variant": round(variant_seconds, 2)},
     }
@@ -175,9 +177,12 @@ def renderer_quality(store: ModelStore, manifest: Any, engine: str, precision: s
 
     held = held_back(manifest, args.data_root)
     crops = sample_crops(held, args.crops, 0, lambda source, sample: source.class_map(sample))
-    fp32, fp32_seconds = asyncio.run(render_with(store, manifest.name, manifest.version, crops, "onnxruntime", "fp32"))
-    variant, variant_seconds = asyncio.run(render_with(store, manifest.name, manifest.version, crops, engine,
-                                                       precision))
+
+    def render(host: ModelHost) -> Awaitable[np.ndarray]:
+        return render_all(host, manifest.name, crops, seed=0, version=manifest.version)
+
+    fp32, fp32_seconds = asyncio.run(served(store, manifest, "onnxruntime", "fp32", render))
+    variant, variant_seconds = asyncio.run(served(store, manifest, engine, precision, render))
     n = len(crops.images)
     options = ScoreOptions(kid_subset_size=max(2, n // 2), kid_subsets=100, fid_bootstrap=args.bootstrap)
 
@@ -189,8 +194,9 @@ def renderer_quality(store: ModelStore, manifest: Any, engine: str, precision: s
 
     with ScoringSession(store.root, experiment_config(store.root)) as scorer:
         base = scorer.score(crops.images, fp32, options)
-        candidate = scorer.score(crops.images, variant, replace_bootstrap(options))
-        direct = scorer.score(fp32, variant, replace_bootstrap(options))
+        no_bootstrap = dataclasses.replace(options, fid_bootstrap=0)  # only the fp32 FID needs its CI
+        candidate = scorer.score(crops.images, variant, no_bootstrap)
+        direct = scorer.score(fp32, variant, no_bootstrap)
     low, high = base["fid_ci"]["low"], base["fid_ci"]["high"]
     fid_ok = bool(low <= candidate["fid"] <= high)
     kid_ok = bool(abs(candidate["kid_mean"] - base["kid_mean"]) <= 1.96 * base["kid_std"])
@@ -210,13 +216,6 @@ def renderer_quality(store: ModelStore, manifest: Any, engine: str, precision: s
         "image_abs_levels": {"mean": round(float(difference.mean()), 3), "max": int(difference.max())},
         "seconds": {"fp32": round(fp32_seconds, 2), "variant": round(variant_seconds, 2)},
     }
-
-
-def replace_bootstrap(options: Any) -> Any:
-    """The same options without the (costly) bootstrap: only the fp32 FID needs its CI."""
-    import dataclasses
-
-    return dataclasses.replace(options, fid_bootstrap=0)
 
 
 def main(argv: list[str] | None = None) -> int:
