@@ -12,7 +12,7 @@ batch size; tests/gpu is where that must be checked.)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import cv2
@@ -61,6 +61,18 @@ def batch_stats(model: str, version: str) -> tuple[float, float]:
     return count, total
 
 
+async def rounds_until_merged(model: str, version: str, one_round: Callable[[], Awaitable[None]]) -> None:
+    """Run ``one_round`` (CLIENTS concurrent calls, each checked bit for bit against solo calls) until a round's
+    calls shared a batch (fewer batches than calls); on a busy host calls may arrive too far apart to meet,
+    and a round that never merged would prove nothing."""
+    for _ in range(MERGE_ATTEMPTS):
+        batches_before = batch_stats(model, version)[0]
+        await one_round()
+        if batch_stats(model, version)[0] - batches_before < CLIENTS:
+            return
+    pytest.fail(f"concurrent requests were never merged in {MERGE_ATTEMPTS} rounds; the test proved nothing")
+
+
 def class_map(seed: int, height: int = 32, width: int = 48) -> np.ndarray:
     rng = np.random.default_rng(seed)
     classes = np.zeros((height, width), np.uint8)
@@ -78,20 +90,15 @@ async def test_concurrent_renders_equal_solo_renders(batching_renderer: LiveServ
     ]
     solo = [(await stub.Render(request, timeout=60)).images.data for request in requests]
 
-    merged_once = False
-    for _ in range(MERGE_ATTEMPTS):  # as in the refinement test below: repeat until a round shared batches
-        batches_before, samples_before = batch_stats(RENDERER_NAME, "1")
+    async def one_round() -> None:
+        samples_before = batch_stats(RENDERER_NAME, "1")[1]
         together = await asyncio.gather(*(stub.Render(request, timeout=60) for request in requests))
-        batches, samples = (after - before for after, before in zip(batch_stats(RENDERER_NAME, "1"),
-                                                                   (batches_before, samples_before)))
         # 32 x 48 fields with 32 px tiles (overlap 8): 2 tiles per request, batches of up to 4 samples,
         # so fewer batches than requests means tiles of different requests shared a batch.
-        assert samples == CLIENTS * 2
+        assert batch_stats(RENDERER_NAME, "1")[1] - samples_before == CLIENTS * 2
         assert [response.images.data for response in together] == solo
-        if batches < CLIENTS:
-            merged_once = True
-            break
-    assert merged_once, f"concurrent requests were never merged in {MERGE_ATTEMPTS} rounds; the test proved nothing"
+
+    await rounds_until_merged(RENDERER_NAME, "1", one_round)
 
 
 async def test_distinct_seeds_give_distinct_images_and_repeat_exactly(batching_renderer: LiveServer) -> None:
@@ -121,16 +128,11 @@ async def test_concurrent_refinements_equal_solo_refinements(batching_refiner: L
         for i in range(CLIENTS)
     ]
     solo = [await stub.Refine(request, timeout=60) for request in requests]
-    # Every concurrent round must equal the solo calls; on a busy host the calls may arrive too far apart to
-    # share a batch, so rounds repeat until one did (else the test would prove nothing).
-    merged_once = False
-    for _ in range(MERGE_ATTEMPTS):
-        batches_before, _ = batch_stats(REFINER_NAME, "2")
+
+    async def one_round() -> None:
         together = await asyncio.gather(*(stub.Refine(request, timeout=60) for request in requests))
         for alone, merged in zip(solo, together, strict=True):
             assert alone.fine_masks.data == merged.fine_masks.data
             assert alone.noise_labels.data == merged.noise_labels.data
-        if batch_stats(REFINER_NAME, "2")[0] - batches_before < CLIENTS:
-            merged_once = True
-            break
-    assert merged_once, f"concurrent requests were never merged in {MERGE_ATTEMPTS} rounds; the test proved nothing"
+
+    await rounds_until_merged(REFINER_NAME, "2", one_round)

@@ -470,10 +470,15 @@ def nucleus_contrast(images: np.ndarray, instances: np.ndarray, min_pixels: int 
     return np.asarray(values, dtype=np.float64)
 
 
+def contrast_summary(values: np.ndarray) -> dict[str, Any]:
+    """Nucleus contrast of a crop set: mean ± std over its crops."""
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+            "n": int(values.size)}
+
+
 def contrast_scores(held_back: np.ndarray, other: np.ndarray) -> dict[str, Any]:
-    """Nucleus contrast of a crop set: mean ± std, and its 1-D Wasserstein distance to the held-back crops'."""
-    return {"mean": float(other.mean()), "std": float(other.std(ddof=1)) if other.size > 1 else 0.0,
-            "n": int(other.size), "w1_to_held_back": float(scipy_stats.wasserstein_distance(held_back, other))}
+    """contrast_summary of ``other`` and its 1-D Wasserstein distance to the held-back crops'."""
+    return {**contrast_summary(other), "w1_to_held_back": float(scipy_stats.wasserstein_distance(held_back, other))}
 
 
 def distribution_scores(settings: Settings, data_dir: Path, store: Path,
@@ -503,7 +508,7 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
             options = ScoreOptions(kid_subset_size=max(2, n // 2), kid_subsets=100)
             entry["real_vs_real"] = scorer.score(held_n, real_train[:n], options)
             entry["real_vs_real"]["stain_wasserstein"] = stain_distances(held_n, real_train[:n])
-            entry["held_back_nucleus_contrast"] = contrast_scores(held_contrast, held_contrast)
+            entry["held_back_nucleus_contrast"] = contrast_summary(held_contrast)
             entry["real_vs_real"]["nucleus_contrast"] = contrast_scores(
                 held_contrast, nucleus_contrast(real_train[:n], mask_instances[:n]))
             for version in versions:
