@@ -1,25 +1,35 @@
-"""int8 for a renderer: OpenVINO post-training quantisation (NNCF), judged by the same gate as bf16.
+"""int8 for a renderer or a refiner: OpenVINO post-training quantisation (NNCF), judged by the same gate as bf16.
 
     .venv/bin/pip install nncf        # an experiment dependency only: never imported by services/
     .venv/bin/python scripts/try_int8.py --model renderer-he-nuclei --version 2 --record
+    .venv/bin/python scripts/try_int8.py --model mask-refiner --version 2 --record
 
 Steps (issue #15, item 2):
-  1. Calibration: ``--calibration`` crops (256 px) of the renderer's TRAINING split only (its recorded split,
+  1. Calibration: ``--calibration`` crops (256 px) of the model's TRAINING split only (its recorded split,
      recomputed as the trainer did, benchmark tiles forced out; the script refuses any crop from a
-     held-back / test group), encoded as the Render service encodes them (class map + instance edges + noise).
-  2. ``nncf.quantize`` of the shipped model.onnx read by OpenVINO (8-bit weights and activations; preset and
-     options below), saved as OpenVINO IR to --out (not into the model store unless it passes).
+     held-back / test group), encoded as the service encodes them (renderers: class map + instance edges +
+     noise; refiners: PriorPath-coarsened tissue mask + gland guide on every other crop + noise).
+  2. Quantisation of the shipped model.onnx read by OpenVINO (8-bit weights and activations):
+       renderers  ``nncf.quantize`` with each ``--preset`` (options below);
+       refiners   ``nncf.quantize_with_accuracy_control`` (preset MIXED): quantised layers are reverted to
+                  floating point, most harmful first, until the thresholded masks of ``--validation`` further
+                  TRAINING crops differ from fp32's in at most REFINER_MAX_FLIP of their pixels (half the
+                  held-back output tolerance below, stated before measuring).
   3. Quality, the same checks as bf16:
-       output    the 64 held-back 128 px crops of scripts/check_precision.py (seed 0), int8 vs ONNX Runtime fp32,
-                 its tolerances (uint8 image mean |diff| <= 0.5 grey levels, p99.9 <= 4);
-       FID       renders of held-back masks (the downstream benchmark's MoNuSeg held-back patients, 256 px grid
-                 crops, n = 256, the crops its distribution scores use) by ORT fp32, OpenVINO bf16 and int8, each
-                 vs the real crops (histology encoder, 95 % bootstrap CI), and int8 / bf16 vs fp32 renders.
+       output    the 64 held-back crops of scripts/check_precision.py (seed 0), int8 vs ONNX Runtime fp32, its
+                 tolerances (renderers: uint8 image mean |diff| <= 0.5 grey levels, p99.9 <= 4; refiners: at
+                 most 0.1 % of mask pixels flipped);
+       FID       (renderers) renders of held-back masks (the downstream benchmark's MoNuSeg held-back patients,
+                 256 px grid crops, n = 256, the crops its distribution scores use) by ORT fp32, OpenVINO bf16
+                 and int8, each vs the real crops (histology encoder, 95 % bootstrap CI), and int8 / bf16 vs
+                 fp32 renders. Refiners: held-back Dice and mask-shape statistics (scripts/eval_precision_quality.py)
+                 would follow an output check that passed.
   4. Speed: img/s at 256x256, batch 1, --threads threads each, rounds interleaved ORT fp32 / OV fp32 / OV bf16 /
      OV int8 (same window, same threads).
 Writes --json (every number); --record adds the check (passed or FAILED) to precision_checks.yaml keyed by
-the shipped model file's sha256 (runtime openvino, precision int8). The serving path has no int8 precision:
-a failed check changes nothing there.
+the shipped model file's sha256 (runtime openvino, precision int8). The serving path has no int8 precision
+(no model has passed): the IR stays in --out and a failed check changes nothing there. Serving one would
+need the IR beside model.onnx with its sha256 in the entry, verified by the gate before loading.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -40,13 +50,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from check_precision import TOLERANCES, compare, renderer_inputs  # noqa: E402
+from check_precision import TOLERANCES, compare, refiner_inputs, renderer_inputs  # noqa: E402
 
+from services.core import mask_ops  # noqa: E402
 from services.core.model_store import ModelManifest, ModelStore  # noqa: E402
 from services.core.runtimes.base import RuntimeOptions  # noqa: E402
 from services.core.runtimes.openvino import openvino_version  # noqa: E402
 from services.core.runtimes.registry import create_runtime  # noqa: E402
 from services.core.runtimes.selection import record_check  # noqa: E402
+
+# Refiners: largest share of mask pixels the accuracy-controlled quantisation may flip on its TRAINING
+# validation crops (half of check_precision's held-back tolerance, so that the held-back check has margin).
+REFINER_MAX_FLIP: Final = 0.0005
+from services.mask_refinement.pipeline import encode_input  # noqa: E402
 from services.mask_rendering.pipeline import RendererSpec, RenderingPipeline, to_uint8_rgb  # noqa: E402
 
 
@@ -60,25 +76,30 @@ def encode(manifest: ModelManifest, classes: np.ndarray, instances: np.ndarray |
     return padded.generator_input((slice(None), slice(None)), spec.num_classes)[None].astype(np.float32)
 
 
-def calibration_inputs(manifest: ModelManifest, data_root: Path, count: int, crop: int,
-                       seed: int) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """``count`` crops of the renderer's training split (never its test / benchmark groups)."""
+def training_split(manifest: ModelManifest, data_root: Path, crop: int) -> tuple[Any, dict[str, Any]]:
+    """The model's TRAINING split as a HeldBack of train records (renderers: per source; refiners: datasets pooled),
+    recomputed as its trainer did; refuses if any group is held back (its test split or the benchmark's)."""
     from training.data.benchmark_split import BENCHMARK_HELD_BACK, held_back_groups
     from training.data.shared_layout import load_records, split_records
-    from training.evaluate import HeldBack, Source, _training_data, held_back, sample_crops
+    from training.evaluate import HeldBack, Source, _training_data, held_back
 
     data = _training_data(manifest)
     test = held_back(manifest, data_root)  # also checks the recomputed split against the recorded one
     fractions = tuple(float(f) for f in data["split_fractions"])
     split_seed = int(data.get("split_seed", manifest.provenance.get("seed", 0)))
     sources, records = [], []
-    for raw in data["sources"]:
-        source = Source(raw["dataset"], raw.get("derive", "mask"),
-                        {int(k): int(v) for k, v in (raw.get("class_remap") or {}).items()})
-        split = split_records(load_records(data_root, source.dataset), tuple(float(f) for f in raw.get(
-            "split_fractions", fractions)), split_seed, held_back=held_back_groups(raw))
-        sources.append(source)
-        records.append(tuple(split["train"]))
+    if "sources" in data:  # pix2pixHD renderers: each source split on its own
+        for raw in data["sources"]:
+            source = Source(raw["dataset"], raw.get("derive", "mask"),
+                            {int(k): int(v) for k, v in (raw.get("class_remap") or {}).items()})
+            split = split_records(load_records(data_root, source.dataset), tuple(float(f) for f in raw.get(
+                "split_fractions", fractions)), split_seed, held_back=held_back_groups(raw))
+            sources.append(source)
+            records.append(tuple(split["train"]))
+    else:  # pix2pix refiner: all datasets pooled, then split
+        pooled = [r for name in data["datasets"] for r in load_records(data_root, name)]
+        sources.append(Source("+".join(data["datasets"]), "mask"))
+        records.append(tuple(split_records(pooled, fractions, split_seed)["train"]))
     train_groups = sorted({r.group for recs in records for r in recs})
     forbidden = set(test.groups) | {g for groups in BENCHMARK_HELD_BACK.values() for g in groups}
     leaked = sorted(set(train_groups) & forbidden)
@@ -88,12 +109,37 @@ def calibration_inputs(manifest: ModelManifest, data_root: Path, count: int, cro
     if set(train_groups) - recorded:
         raise SystemExit(f"calibration groups {sorted(set(train_groups) - recorded)} are not in the recorded train split")
     train = HeldBack(crop, test.fractions, split_seed, tuple(sources), tuple(records))
-    crops = sample_crops(train, count, seed, lambda source, sample: source.class_map(sample))
-    tensors = [encode(manifest, crops.class_maps[i], None if crops.instances is None else crops.instances[i], seed + i)
-               for i in range(len(crops.class_maps))]
-    return tensors, {"crops": len(tensors), "crop": crop, "seed": seed, "split": "train (recorded split)",
-                     "train_groups": len(train_groups), "held_back_groups_excluded": sorted(forbidden),
-                     "origins_first": crops.origins[:4]}
+    return train, {"split": "train (recorded split)", "train_groups": len(train_groups),
+                   "held_back_groups_excluded": sorted(forbidden)}
+
+
+def calibration_inputs(manifest: ModelManifest, data_root: Path, count: int, crop: int,
+                       seed: int) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """``count`` crops of the model's training split (never its test / benchmark groups), encoded as served.
+
+    Refiners: coarse = the training's PriorPath coarsening of the crop's tissue mask (as check_precision's
+    held-back inputs); the guide (gland layout) is given for even crops and left unknown (0) for odd ones,
+    as callers with and without a layout do.
+    """
+    from training.evaluate import _training_data, sample_crops
+
+    train, info = training_split(manifest, data_root, crop)
+    if manifest.kind == "refiner":
+        crops = sample_crops(train, count, seed, lambda source, sample: sample.class_map)
+        stain = str(_training_data(manifest).get("stain", manifest.metadata.get("stain", "he")))
+        channels = [str(c) for c in manifest.metadata.get("input_channels") or ["coarse"]]
+        tensors = []
+        for index, image in enumerate(crops.images):
+            fine = mask_ops.tissue_mask(image, stain)
+            coarse = mask_ops.coarsen_mask(fine.astype(bool), 5, 10).astype(np.uint8)
+            guide = (crops.class_maps[index] > 0).astype(np.uint8)[None] if index % 2 == 0 else None
+            tensors.append(encode_input(channels, coarse[None], guide, seed + index))
+        info["guide"] = "gland layout on even crops, unknown (0) on odd"
+    else:
+        crops = sample_crops(train, count, seed, lambda source, sample: source.class_map(sample))
+        tensors = [encode(manifest, crops.class_maps[i], None if crops.instances is None else crops.instances[i],
+                          seed + i) for i in range(len(crops.class_maps))]
+    return tensors, {"crops": len(tensors), "crop": crop, "seed": seed, **info, "origins_first": crops.origins[:4]}
 
 
 def quantize(manifest: ModelManifest, calibration: list[np.ndarray], out: Path, preset: str,
@@ -117,6 +163,112 @@ def quantize(manifest: ModelManifest, calibration: list[np.ndarray], out: Path, 
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     return path, {"nncf": nncf.__version__, "preset": preset, "kept_fp32": ignored, "fast_bias_correction": fast_bias_correction,
                   "seconds": round(seconds, 1), "ir": str(path)}
+
+
+def quantize_refiner(manifest: ModelManifest, calibration: list[np.ndarray], validation: list[np.ndarray],
+                     threads: int) -> tuple[Any, dict[str, Any]]:
+    """Accuracy-controlled int8 of a refiner (module doc, step 2); the quantised OpenVINO model and its record."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(manifest.path))
+    threshold = float(manifest.metadata.get("threshold", 0.0))
+    reference = [Compiled(manifest.path, "f32", threads)(tensor) > threshold for tensor in validation]
+
+    def agreement(compiled: Any, data: Any) -> float:
+        """1 - share of validation mask pixels that differ from fp32's (the metric NNCF keeps within the drop)."""
+        request = compiled.create_infer_request()
+        flipped = [np.mean((request.infer({0: tensor})[0] > threshold) != fp32)
+                   for tensor, fp32 in zip(data, reference, strict=True)]
+        return 1.0 - float(np.mean(flipped))
+
+    ignored = nncf.IgnoredScope(types=["MVN"])
+    # What is at stake: every quantiser kept (no accuracy control), judged on the same validation crops.
+    plain = nncf.quantize(model, nncf.Dataset(calibration), preset=nncf.QuantizationPreset.MIXED,
+                          subset_size=len(calibration), ignored_scope=ignored)
+    plain_agreement = agreement(ov.Core().compile_model(plain, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation)
+    started = time.perf_counter()
+    quantized = nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(calibration), nncf.Dataset(validation), validation_fn=agreement,
+        max_drop=REFINER_MAX_FLIP, drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.MIXED,
+        subset_size=len(calibration), ignored_scope=ignored)
+    # When NNCF cannot reach max_drop it reverts every quantiser and returns the floating-point model (with a
+    # log line only): count what is left, so that such a model is never recorded as int8.
+    fake_quantize = sum(1 for op in quantized.get_ordered_ops() if op.get_type_name() == "FakeQuantize")
+    return quantized, {"nncf": nncf.__version__, "method": "quantize_with_accuracy_control", "preset": "MIXED",
+                       "kept_floating_point": "instance norms (MVN) not quantised; layers NNCF reverted",
+                       "fake_quantize_nodes_left": fake_quantize,
+                       "every_quantiser_kept": {"validation_flipped_fraction": round(1.0 - plain_agreement, 6),
+                                                "fake_quantize_nodes": sum(1 for op in plain.get_ordered_ops()
+                                                                           if op.get_type_name() == "FakeQuantize")},
+                       "metric": "1 - share of thresholded mask pixels differing from fp32 on the validation crops",
+                       "max_drop": REFINER_MAX_FLIP, "validation_crops": len(validation),
+                       "validation_agreement_int8": round(agreement(ov.Core().compile_model(quantized, "CPU", {
+                           "INFERENCE_PRECISION_HINT": "f32"}), validation), 6),
+                       "seconds": round(time.perf_counter() - started, 1)}
+
+
+def refiner_main(args: argparse.Namespace, manifest: ModelManifest, result: dict[str, Any]) -> int:
+    """Module doc for refiners: accuracy-controlled int8, the held-back output check, speed, record + IR."""
+    import openvino as ov
+
+    crops, result["calibration"] = calibration_inputs(manifest, args.data_root, args.calibration + args.validation,
+                                                      256, seed=1)
+    calibration, validation = crops[:args.calibration], crops[args.calibration:]
+    quantized, result["quantisation"] = quantize_refiner(manifest, calibration, validation, args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ir = args.out / "model_int8_accuracy_control.xml"
+    ov.save_model(quantized, str(ir), compress_to_fp16=False)
+    print(json.dumps({"quantisation": result["quantisation"]}), flush=True)
+
+    held, result["output_inputs"] = refiner_inputs(manifest, args.data_root, 64, 0)  # check_precision's inputs
+    ort = create_runtime(manifest, "cpu", RuntimeOptions(intra_op_threads=args.threads))
+    name, output = manifest.inputs[0].name, manifest.outputs[0].name
+    reference = [ort.infer({name: t})[output] for t in held]
+    int8, bf16 = Compiled(ir, "f32", args.threads), Compiled(manifest.path, "bf16", args.threads)
+    measured = compare("refiner", manifest, reference, [int8(t) for t in held])
+    quantised = result["quantisation"]["fake_quantize_nodes_left"] > 0
+    passed = quantised and all(measured[key] <= limit for key, limit in TOLERANCES["refiner"].items())
+    if not quantised:
+        result["failure"] = "NNCF reverted every quantiser to reach max_drop: no int8 layer is left"
+    result["int8_output"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in measured.items()}
+    result["bf16_output"] = {k: round(v, 6) if isinstance(v, float) else v
+                             for k, v in compare("refiner", manifest, reference, [bf16(t) for t in held]).items()}
+    result["output_passed"] = passed
+    print(json.dumps({"int8_output": result["int8_output"], "passed": passed}), flush=True)
+    if "speed" not in args.skip:
+        runners = {"onnxruntime fp32": lambda t: ort.infer({name: t})[output],
+                   "openvino fp32": Compiled(manifest.path, "f32", args.threads), "openvino bf16": bf16,
+                   "openvino int8": int8}
+        result["speed"] = {"size": "256x256", "batch": 1, "threads": args.threads, "rounds": args.rounds,
+                           "per_round": args.per_round, **speed(runners, held[0], args.rounds, args.per_round)}
+        print(json.dumps({"speed": result["speed"]}), flush=True)
+    write_json(args.json, result)
+    if args.record:
+        entry: dict[str, Any] = {
+            "runtime": "openvino", "precision": "int8", "sha256": manifest.sha256, "passed": bool(passed),
+            "tolerance": TOLERANCES["refiner"], "measured": result["int8_output"],
+            **({"failure": result["failure"]} if "failure" in result else {}),
+            "reference": f"onnxruntime fp32 ({ort.provider})",
+            "candidate_provider": f"openvino-{openvino_version()}-CPU int8 IR (NNCF {result['quantisation']['nncf']} "
+            "accuracy-controlled post-training quantisation; not saved to the store)",
+            "inputs": {"source": "held-back crops as scripts/check_precision.py", **result["output_inputs"]},
+            "calibration": result["calibration"], "quantisation": result["quantisation"],
+            "speed": result.get("speed"), "versions": result["versions"], "machine": result["machine"],
+            "timestamp": result["timestamp"],
+            "not_checked": "held-back Dice and mask-shape statistics (scripts/eval_precision_quality.py): not run, "
+            "the output check decides first",
+        }
+        path = record_check(manifest, entry)
+        print(f"{'PASSED' if passed else 'FAILED'}: recorded in {path.relative_to(ROOT)}")
+    return 0 if passed else 1
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
 
 
 class Compiled:
@@ -182,18 +334,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fid-crops", type=int, default=256)
     parser.add_argument("--fid-bootstrap", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("/tmp/histosynth-int8"))
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "int8_renderer.json")
+    parser.add_argument("--validation", type=int, default=32,
+                        help="refiners: further training crops the accuracy-controlled quantisation is judged on")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default bench/results/int8_renderer.json or int8_refiner.json")
     parser.add_argument("--record", action="store_true", help="add the check to precision_checks.yaml")
     parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "fid"])
     args = parser.parse_args(argv)
 
     manifest = ModelStore(args.model_store).get(args.model, args.version)
-    spec = RendererSpec.from_metadata(manifest.key, manifest.metadata)
+    if manifest.kind not in ("renderer", "refiner"):
+        raise SystemExit(f"{manifest.key}: kind {manifest.kind!r}; int8 is tried for renderers and refiners")
+    args.json = args.json or ROOT / "bench" / "results" / f"int8_{manifest.kind}.json"
     result: dict[str, Any] = {"model": manifest.key, "sha256": manifest.sha256, "machine": {
         "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "load_average_start": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"openvino": openvino_version(), "onnxruntime": __import__("onnxruntime").__version__},
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}
+    if manifest.kind == "refiner":
+        return refiner_main(args, manifest, result)
+    spec = RendererSpec.from_metadata(manifest.key, manifest.metadata)
 
     calibration, result["calibration"] = calibration_inputs(manifest, args.data_root, args.calibration, 256, seed=1)
     held_tensors, held_info = renderer_inputs(manifest, args.data_root, 64, 0)  # check_precision's inputs
@@ -255,10 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         result["speed"] = {"size": "256x256", "batch": 1, "threads": args.threads, "rounds": args.rounds,
                            "per_round": args.per_round, **speed(runners, tensor, args.rounds, args.per_round)}
         print(json.dumps({"speed": result["speed"]}), flush=True)
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
 
     if args.record:
         best = min(variants, key=lambda p: variants[p]["output"]["image_mean_abs_levels"])

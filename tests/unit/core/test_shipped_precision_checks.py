@@ -110,3 +110,19 @@ def test_refiner_quality_statistics() -> None:
     shifted = equivalence(np.full(10, 0.01) + np.linspace(-1e-4, 1e-4, 10), margin=0.005)
     assert shifted["p_upper"] > 0.5  # a consistent 0.01 shift is not equivalent within 0.005
     assert equivalence(np.zeros(4), margin=0.005)["p_lower"] == 0.0
+
+
+def test_refiner_int8_entry_is_a_failed_check_calibrated_on_training_tiles() -> None:
+    """NNCF's accuracy control could not keep the refiner's flipped mask pixels within its stated drop with any
+    int8 layer left (it reverted all of them): recorded as failed, so int8 never loads; bf16 still does."""
+    refiner = ModelStore(SHIPPED).get("mask-refiner", "2")
+    [int8] = [c for c in read_checks(refiner) if (c["runtime"], c["precision"]) == ("openvino", "int8")]
+    assert int8["passed"] is False and int8["quantisation"]["fake_quantize_nodes_left"] == 0
+    assert "reverted every quantiser" in int8["failure"]
+    kept = int8["quantisation"]["every_quantiser_kept"]
+    assert kept["fake_quantize_nodes"] > 0 and kept["validation_flipped_fraction"] > int8["quantisation"]["max_drop"]
+    calibration = int8["calibration"]
+    assert calibration["split"].startswith("train")
+    assert set(refiner.provenance["split"]["groups"]["test"]) <= set(calibration["held_back_groups_excluded"])
+    assert passing_check(refiner, "openvino", "int8") is None
+    assert passing_check(refiner, "openvino", "bf16") is not None
