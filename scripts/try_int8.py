@@ -209,7 +209,7 @@ def quantize_refiner(manifest: ModelManifest, calibration: list[np.ndarray], val
 
 
 def refiner_main(args: argparse.Namespace, manifest: ModelManifest, result: dict[str, Any]) -> int:
-    """Module doc for refiners: accuracy-controlled int8, the held-back output check, speed, record + IR."""
+    """Module doc for refiners: accuracy-controlled int8, the held-back output check, speed, the record."""
     import openvino as ov
 
     crops, result["calibration"] = calibration_inputs(manifest, args.data_root, args.calibration + args.validation,
