@@ -75,24 +75,30 @@ def renderer_inputs(manifest: ModelManifest, data_root: Path, count: int, seed: 
 
 
 def refiner_inputs(manifest: ModelManifest, data_root: Path, count: int, seed: int) -> tuple[list[np.ndarray], dict]:
-    from training.evaluate import _training_data, held_back, sample_crops
+    from training.evaluate import held_back, sample_crops
+
+    held = held_back(manifest, data_root)
+    crops = sample_crops(held, count, seed, lambda source, sample: sample.class_map)
+    coarse, recipe = refiner_coarse_masks(manifest, crops.images)
+    channels = [str(c) for c in manifest.metadata.get("input_channels") or ["coarse"]]
+    tensors = [encode_input(channels, mask[None], None, seed + index) for index, mask in enumerate(coarse)]
+    return tensors, {"crops": len(tensors), "crop": held.crop, "test_tiles": sum(len(r) for r in held.records),
+                     "test_groups": held.groups, "seed": seed, "coarse": recipe, "channels": channels, "guide": "none (zeros)"}
+
+
+def refiner_coarse_masks(manifest: ModelManifest, images: np.ndarray) -> tuple[list[np.ndarray], str]:
+    """uint8 coarse masks of RGB crops by the refiner's PriorPath training recipe (tissue threshold of its stain,
+    opening then closing), and the recipe in words."""
+    from training.evaluate import _training_data
 
     data = _training_data(manifest)
-    held = held_back(manifest, data_root)
     stain = str(data.get("stain", manifest.metadata.get("stain", "he")))
     coarsening = manifest.metadata.get("coarsening") or {}
     open_size = int(coarsening.get("open_size", data.get("open_size", 5)))
     close_size = int(coarsening.get("close_size", data.get("close_size", 10)))
-    crops = sample_crops(held, count, seed, lambda source, sample: sample.class_map)
-    channels = [str(c) for c in manifest.metadata.get("input_channels") or ["coarse"]]
-    tensors = []
-    for index, image in enumerate(crops.images):
-        fine = mask_ops.tissue_mask(image, stain)
-        coarse = mask_ops.coarsen_mask(fine.astype(bool), open_size, close_size).astype(np.uint8)
-        tensors.append(encode_input(channels, coarse[None], None, seed + index))
-    return tensors, {"crops": len(tensors), "crop": held.crop, "test_tiles": sum(len(r) for r in held.records),
-                     "test_groups": held.groups, "seed": seed, "coarse": f"coarsen_mask(tissue_mask(crop), "
-                     f"open {open_size}, close {close_size})", "channels": channels, "guide": "none (zeros)"}
+    masks = [mask_ops.coarsen_mask(mask_ops.tissue_mask(image, stain).astype(bool), open_size, close_size)
+             .astype(np.uint8) for image in images]
+    return masks, f"coarsen_mask(tissue_mask(crop), open {open_size}, close {close_size})"
 
 
 def compare(kind: str, manifest: ModelManifest, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:

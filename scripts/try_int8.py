@@ -50,20 +50,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from check_precision import TOLERANCES, compare, refiner_inputs, renderer_inputs  # noqa: E402
+from check_precision import TOLERANCES, compare, refiner_coarse_masks, refiner_inputs, renderer_inputs  # noqa: E402
 
-from services.core import mask_ops  # noqa: E402
 from services.core.model_store import ModelManifest, ModelStore  # noqa: E402
 from services.core.runtimes.base import RuntimeOptions  # noqa: E402
 from services.core.runtimes.openvino import openvino_version  # noqa: E402
 from services.core.runtimes.registry import create_runtime  # noqa: E402
 from services.core.runtimes.selection import record_check  # noqa: E402
+from services.mask_refinement.pipeline import encode_input  # noqa: E402
+from services.mask_rendering.pipeline import RendererSpec, RenderingPipeline, to_uint8_rgb  # noqa: E402
 
 # Refiners: largest share of mask pixels the accuracy-controlled quantisation may flip on its TRAINING
 # validation crops (half of check_precision's held-back tolerance, so that the held-back check has margin).
 REFINER_MAX_FLIP: Final = 0.0005
-from services.mask_refinement.pipeline import encode_input  # noqa: E402
-from services.mask_rendering.pipeline import RendererSpec, RenderingPipeline, to_uint8_rgb  # noqa: E402
 
 
 def encode(manifest: ModelManifest, classes: np.ndarray, instances: np.ndarray | None, seed: int) -> np.ndarray:
@@ -121,19 +120,17 @@ def calibration_inputs(manifest: ModelManifest, data_root: Path, count: int, cro
     held-back inputs); the guide (gland layout) is given for even crops and left unknown (0) for odd ones,
     as callers with and without a layout do.
     """
-    from training.evaluate import _training_data, sample_crops
+    from training.evaluate import sample_crops
 
     train, info = training_split(manifest, data_root, crop)
     if manifest.kind == "refiner":
         crops = sample_crops(train, count, seed, lambda source, sample: sample.class_map)
-        stain = str(_training_data(manifest).get("stain", manifest.metadata.get("stain", "he")))
+        coarse, info["coarse"] = refiner_coarse_masks(manifest, crops.images)
         channels = [str(c) for c in manifest.metadata.get("input_channels") or ["coarse"]]
         tensors = []
-        for index, image in enumerate(crops.images):
-            fine = mask_ops.tissue_mask(image, stain)
-            coarse = mask_ops.coarsen_mask(fine.astype(bool), 5, 10).astype(np.uint8)
+        for index, mask in enumerate(coarse):
             guide = (crops.class_maps[index] > 0).astype(np.uint8)[None] if index % 2 == 0 else None
-            tensors.append(encode_input(channels, coarse[None], guide, seed + index))
+            tensors.append(encode_input(channels, mask[None], guide, seed + index))
         info["guide"] = "gland layout on even crops, unknown (0) on odd"
     else:
         crops = sample_crops(train, count, seed, lambda source, sample: source.class_map(sample))
