@@ -50,7 +50,6 @@ CHANNELS = (3, 32, 32, 32, 3)  # conv3x3 x3 with ReLU, then a 1x1 projection bac
 INPUT = TensorSpec("image", "float32", ("batch", 3, TILE, TILE))
 OUTPUT = TensorSpec("rgb", "float32", ("batch", 3, TILE, TILE))
 CONCURRENCIES = (1, 4, 16)
-QUEUE_DELAYS_MS = (0.0, 2.0)
 MAX_BATCH_SIZE = 16
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "core.json"
 

@@ -90,7 +90,6 @@ SIZES: Final = ((256, 256), (512, 1024))
 CONCURRENCIES: Final = (1, 2, 4, 8)
 # Fields up to this edge render in one piece on the service, as they do on the runtime path.
 ONE_PIECE_TILE: Final = 1024
-MODES: Final = ("runtime", "grpc", "grpc-ov", "torchserve")
 FAST_PATH: Final = {"runtime": "openvino", "precision": "bf16"}
 PERF_ANALYZER_HOME: Final = Path(os.environ.get("HISTOSYNTH_PERF_ANALYZER_HOME",
                                                 Path.home() / ".cache" / "histosynth" / "perf_analyzer"))

@@ -166,10 +166,6 @@ class DynamicBatcher:
         """Requests accepted and not yet answered (queued or computing)."""
         return self._pending
 
-    @property
-    def is_accepting(self) -> bool:
-        return self._accepting
-
     async def start(self) -> None:
         if self._scheduler is not None:
             raise RuntimeError(f"batcher for model {self._model_name!r} is already started")

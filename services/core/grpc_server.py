@@ -393,10 +393,6 @@ class RunningServer:
     def in_flight(self) -> int:
         return self._state.in_flight
 
-    def add_shutdown_hook(self, hook: ShutdownHook) -> None:
-        """Run ``hook`` after the server stopped (close batchers, pools, runtimes)."""
-        self._shutdown_hooks.append(hook)
-
     async def set_serving(self, service_name: str, serving: bool) -> None:
         """Report one service healthy or not (e.g. its model failed to load); ignored while draining."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
