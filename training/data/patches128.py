@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset
 
 PATCH_SIZE = 128
 INDEX_RELATIVE_PATH = Path("patches128") / "index.csv"
@@ -234,10 +234,3 @@ def class_balanced_weights(class_ids: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(class_ids)
     return 1.0 / counts[class_ids].double()
 
-
-def class_balanced_sampler(dataset: Patch128Dataset, num_samples: int, seed: int) -> WeightedRandomSampler:
-    """Sampler with replacement, weights inverse to class frequency, seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(
-        class_balanced_weights(dataset.class_ids), num_samples=num_samples, replacement=True, generator=generator
-    )
