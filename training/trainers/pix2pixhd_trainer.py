@@ -142,13 +142,19 @@ class Pix2PixHDTrainer(GanTrainer):
             return []
         terms = [settings] if isinstance(settings, Mapping) else list(settings)
         built: list[ConsistencyTerm] = []
+        # Terms naming the same run share one frozen segmenter (v7's boundary and size terms): train_step then
+        # runs it once per step, not once per term.
+        segmenters: dict[str, tuple[TissueSegmenter, str]] = {}
         for term in terms:
             kind = str(term.get("kind", "type"))
             if kind not in CONSISTENCY_KINDS:
                 raise ValueError(f"train.consistency kind {kind!r}; valid kinds: {sorted(CONSISTENCY_KINDS)}")
             if any(t.kind == kind for t in built):
                 raise ValueError(f"train.consistency has two {kind!r} terms; one term per kind")
-            segmenter, scheme = self._frozen_segmenter(str(term["segmenter_run"]))
+            run = str(term["segmenter_run"])
+            if run not in segmenters:
+                segmenters[run] = self._frozen_segmenter(run)
+            segmenter, scheme = segmenters[run]
             if kind == "type":
                 allowed = [list(map(int, c)) for c in term["allowed_classes"]]
                 if len(allowed) != self.num_classes:
@@ -231,9 +237,12 @@ class Pix2PixHDTrainer(GanTrainer):
         if self.consistency:
             class_map = label[:, :self.num_classes].argmax(1)
             rgb = (fake.float() + 1.0) * 127.5  # the segmenters take RGB in [0, 255]
+        logits_of: dict[int, torch.Tensor] = {}  # one forward per shared segmenter (see _consistency_terms)
         for term in self.consistency:
-            with self.autocast():
-                logits = term.segmenter(rgb)
+            logits = logits_of.get(id(term.segmenter))
+            if logits is None:
+                with self.autocast():
+                    logits = logits_of[id(term.segmenter)] = term.segmenter(rgb)
             if term.kind == "type":
                 loss_term = mask_consistency_loss(logits, class_map, term.options["allowed"])
             elif term.kind == "size":

@@ -238,7 +238,12 @@ def test_size_term_builds_on_a_nuclei_segmenter_and_trains(tmp_path: Path) -> No
     config["train"].pop("init_from_store")  # a random tiny G: this test is about the terms, not the warm start
     trainer = get_trainer("pix2pixhd")(config, runs / "v7", FIXTURE_DATA)
     assert [term.kind for term in trainer.consistency] == ["type", "boundary", "size"]
+    _, boundary, size = trainer.consistency
+    assert boundary.segmenter is size.segmenter  # one run, one frozen segmenter
+    forwards: list[int] = []
+    boundary.segmenter.register_forward_hook(lambda *_: forwards.append(1))
     batch = next(trainer._loader(trainer.train_set))
     losses = trainer.train_step(batch)
     assert math.isfinite(losses["g_size"]) and losses["g_size"] >= 0
+    assert math.isfinite(losses["g_boundary"]) and len(forwards) == 1  # run once for both terms
 
