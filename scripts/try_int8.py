@@ -76,40 +76,21 @@ def encode(manifest: ModelManifest, classes: np.ndarray, instances: np.ndarray |
 
 
 def training_split(manifest: ModelManifest, data_root: Path, crop: int) -> tuple[Any, dict[str, Any]]:
-    """The model's TRAINING split as a HeldBack of train records (renderers: per source; refiners: datasets pooled),
-    recomputed as its trainer did; refuses if any group is held back (its test split or the benchmark's)."""
-    from training.data.benchmark_split import BENCHMARK_HELD_BACK, held_back_groups
-    from training.data.shared_layout import load_records, split_records
-    from training.evaluate import HeldBack, Source, _training_data, held_back
+    """The model's TRAINING split (training.evaluate.recorded_split, ``crop`` px crops); refuses if any of its
+    groups is held back (the model's test split or the benchmark's)."""
+    from dataclasses import replace
 
-    data = _training_data(manifest)
-    test = held_back(manifest, data_root)  # also checks the recomputed split against the recorded one
-    fractions = tuple(float(f) for f in data["split_fractions"])
-    split_seed = int(data.get("split_seed", manifest.provenance.get("seed", 0)))
-    sources, records = [], []
-    if "sources" in data:  # pix2pixHD renderers: each source split on its own
-        for raw in data["sources"]:
-            source = Source(raw["dataset"], raw.get("derive", "mask"),
-                            {int(k): int(v) for k, v in (raw.get("class_remap") or {}).items()})
-            split = split_records(load_records(data_root, source.dataset), tuple(float(f) for f in raw.get(
-                "split_fractions", fractions)), split_seed, held_back=held_back_groups(raw))
-            sources.append(source)
-            records.append(tuple(split["train"]))
-    else:  # pix2pix refiner: all datasets pooled, then split
-        pooled = [r for name in data["datasets"] for r in load_records(data_root, name)]
-        sources.append(Source("+".join(data["datasets"]), "mask"))
-        records.append(tuple(split_records(pooled, fractions, split_seed)["train"]))
-    train_groups = sorted({r.group for recs in records for r in recs})
+    from training.data.benchmark_split import BENCHMARK_HELD_BACK
+    from training.evaluate import held_back, recorded_split
+
+    test = held_back(manifest, data_root)
+    train = recorded_split(manifest, data_root, "train")
     forbidden = set(test.groups) | {g for groups in BENCHMARK_HELD_BACK.values() for g in groups}
-    leaked = sorted(set(train_groups) & forbidden)
+    leaked = sorted(set(train.groups) & forbidden)
     if leaked:
         raise SystemExit(f"calibration would use held-back groups {leaked}; refusing")
-    recorded = set(((manifest.provenance.get("split") or {}).get("groups") or {}).get("train") or train_groups)
-    if set(train_groups) - recorded:
-        raise SystemExit(f"calibration groups {sorted(set(train_groups) - recorded)} are not in the recorded train split")
-    train = HeldBack(crop, test.fractions, split_seed, tuple(sources), tuple(records))
-    return train, {"split": "train (recorded split)", "train_groups": len(train_groups),
-                   "held_back_groups_excluded": sorted(forbidden)}
+    return replace(train, crop=crop), {"split": "train (recorded split)", "train_groups": len(train.groups),
+                                       "held_back_groups_excluded": sorted(forbidden)}
 
 
 def calibration_inputs(manifest: ModelManifest, data_root: Path, count: int, crop: int,

@@ -148,8 +148,9 @@ def _training_data(manifest: ModelManifest) -> Mapping[str, Any]:
     return data
 
 
-def held_back(manifest: ModelManifest, data_root: Path) -> HeldBack:
-    """The model's test split, recomputed as its trainer did and checked against the recorded groups."""
+def recorded_split(manifest: ModelManifest, data_root: Path, part: str) -> HeldBack:
+    """One part (train / val / test) of the model's split, recomputed as its trainer did and checked against the
+    groups its manifest recorded for that part."""
     data = _training_data(manifest)
     fractions = tuple(float(f) for f in data["split_fractions"])
     split_seed = int(data.get("split_seed", manifest.provenance.get("seed", 0)))
@@ -164,21 +165,27 @@ def held_back(manifest: ModelManifest, data_root: Path) -> HeldBack:
                     for s, raw in zip(sources, data["sources"], strict=True))
         per_source = tuple(
             tuple(split_records(load_records(data_root, s.dataset), source_fractions,  # type: ignore[arg-type]
-                                split_seed, held_back=held_back_groups(raw))["test"])
+                                split_seed, held_back=held_back_groups(raw))[part])
             for s, raw, (_, source_fractions) in zip(sources, data["sources"], own, strict=True)
         )
         overrides = own if any(source_fractions != fractions for _, source_fractions in own) else ()
     else:  # pix2pix refiner: all datasets pooled, then split
         sources = (Source("+".join(data["datasets"]), "mask"),)
         pooled = [r for name in data["datasets"] for r in load_records(data_root, name)]
-        per_source = (tuple(split_records(pooled, fractions, split_seed)["test"]),)
+        per_source = (tuple(split_records(pooled, fractions, split_seed)[part]),)
         overrides = ()
     result = HeldBack(int(data["crop"]), fractions, split_seed, sources, per_source,  # type: ignore[arg-type]
                       overrides)
-    recorded = ((manifest.provenance.get("split") or {}).get("groups") or {}).get("test")
+    recorded = ((manifest.provenance.get("split") or {}).get("groups") or {}).get(part)
     if recorded is not None and sorted(recorded) != result.groups:
-        raise ValueError(f"model {manifest.key}: recomputed test groups {result.groups} differ from the recorded "
+        raise ValueError(f"model {manifest.key}: recomputed {part} groups {result.groups} differ from the recorded "
                          f"{sorted(recorded)}; is {data_root} the data it was trained on?")
+    return result
+
+
+def held_back(manifest: ModelManifest, data_root: Path) -> HeldBack:
+    """The model's test split, recomputed as its trainer did and checked against the recorded groups."""
+    result = recorded_split(manifest, data_root, "test")
     if not any(result.records):
         raise ValueError(f"model {manifest.key}: no test records under {data_root}")
     return result
