@@ -160,30 +160,36 @@ def quantize_refiner(manifest: ModelManifest, calibration: list[np.ndarray], val
                    for tensor, fp32 in zip(data, reference, strict=True)]
         return 1.0 - float(np.mean(flipped))
 
+    def agreement_at_f32(candidate: Any) -> float:
+        """``agreement`` of a quantised model whose floating-point layers run at f32 (as served and as NNCF runs it)."""
+        return agreement(ov.Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation)
+
+    def fake_quantize_nodes(candidate: Any) -> int:
+        return sum(1 for op in candidate.get_ordered_ops() if op.get_type_name() == "FakeQuantize")
+
     ignored = nncf.IgnoredScope(types=["MVN"])
     # What is at stake: every quantiser kept (no accuracy control), judged on the same validation crops.
     plain = nncf.quantize(model, nncf.Dataset(calibration), preset=nncf.QuantizationPreset.MIXED,
                           subset_size=len(calibration), ignored_scope=ignored)
-    plain_agreement = agreement(ov.Core().compile_model(plain, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation)
+    plain_agreement = agreement_at_f32(plain)
     started = time.perf_counter()
     quantized = nncf.quantize_with_accuracy_control(
         model, nncf.Dataset(calibration), nncf.Dataset(validation), validation_fn=agreement,
         max_drop=REFINER_MAX_FLIP, drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.MIXED,
         subset_size=len(calibration), ignored_scope=ignored)
+    agreement_int8 = agreement_at_f32(quantized)
+    seconds = time.perf_counter() - started
     # When NNCF cannot reach max_drop it reverts every quantiser and returns the floating-point model (with a
     # log line only): count what is left, so that such a model is never recorded as int8.
-    fake_quantize = sum(1 for op in quantized.get_ordered_ops() if op.get_type_name() == "FakeQuantize")
     return quantized, {"nncf": nncf.__version__, "method": "quantize_with_accuracy_control", "preset": "MIXED",
                        "kept_floating_point": "instance norms (MVN) not quantised; layers NNCF reverted",
-                       "fake_quantize_nodes_left": fake_quantize,
+                       "fake_quantize_nodes_left": fake_quantize_nodes(quantized),
                        "every_quantiser_kept": {"validation_flipped_fraction": round(1.0 - plain_agreement, 6),
-                                                "fake_quantize_nodes": sum(1 for op in plain.get_ordered_ops()
-                                                                           if op.get_type_name() == "FakeQuantize")},
+                                                "fake_quantize_nodes": fake_quantize_nodes(plain)},
                        "metric": "1 - share of thresholded mask pixels differing from fp32 on the validation crops",
                        "max_drop": REFINER_MAX_FLIP, "validation_crops": len(validation),
-                       "validation_agreement_int8": round(agreement(ov.Core().compile_model(quantized, "CPU", {
-                           "INFERENCE_PRECISION_HINT": "f32"}), validation), 6),
-                       "seconds": round(time.perf_counter() - started, 1)}
+                       "validation_agreement_int8": round(agreement_int8, 6),
+                       "seconds": round(seconds, 1)}
 
 
 def refiner_main(args: argparse.Namespace, manifest: ModelManifest, result: dict[str, Any]) -> int:
