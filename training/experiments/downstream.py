@@ -12,6 +12,9 @@ Does adding rendered crops to a small real training set help a nuclei segmenter 
     service (mask-rendering server on loopback, ONNX Runtime) by each version of renderer-he-nuclei.
   * Arms: A = k real; B = the same k real + m synthetic (each batch half real, half synthetic); C = m synthetic.
     Same U-Net, init, loss, augmentation, batch order and step budget in every arm of a seed.
+  * The ceiling (label "real", on unless --no-real-ceiling): arms B and C with the real images of the very masks
+    that were rendered in place of the renders, i.e. a renderer indistinguishable from real tissue. B(real) - A
+    is what such a renderer would add with these masks; B(v) - B(real) is a renderer's gap to it.
   * Scores on the held-back images: pixel Dice, object F1 (IoU > 0.5), AJI (training/experiments/
     instance_metrics.py); mean +- std over seeds, paired differences with a paired t-test, per organ.
   * Distribution scores (scoring service, our histology encoder unless a weights file is configured):
@@ -74,6 +77,8 @@ DEFAULT_RUNS = Path.home() / ".cache" / "histosynth" / "runs" / "experiments" / 
 RENDER_BATCH = 8
 # --precision-variants: name -> (engine, precision) the Render service serves the renderer with.
 PRECISION_VARIANTS: dict[str, tuple[str, str]] = {"openvino-bf16": ("openvino", "bf16")}
+# The ceiling's label: its "renders" are the real crops the rendered masks were cut from (mask_source_images).
+REAL = "real"
 
 
 def renderer_label(version: str, variant: str | None = None) -> str:
@@ -82,7 +87,7 @@ def renderer_label(version: str, variant: str | None = None) -> str:
 
 
 def parse_label(label: str) -> tuple[str, str | None]:
-    """``"2-openvino-bf16"`` -> ("2", "openvino-bf16"); ``"2"`` -> ("2", None)."""
+    """``"2-openvino-bf16"`` -> ("2", "openvino-bf16"); ``"2"`` -> ("2", None); ``"real"`` -> ("real", None)."""
     version, _, variant = str(label).partition("-")
     if variant and variant not in PRECISION_VARIANTS:
         raise ValueError(f"renderer label {label!r}: unknown precision variant {variant!r}; "
@@ -112,6 +117,7 @@ class Settings:
     renderer_versions: tuple[str, ...] = ()  # empty = every version in the store
     precision_variants: tuple[str, ...] = ()  # PRECISION_VARIANTS keys, rendered beside fp32 (see the docstring)
     draw_k: Mapping[str, int] = field(default_factory=dict)  # k each seed's draw is made for (default: max of ks)
+    real_ceiling: bool = True  # also train B and C on the masks' real images (label REAL)
 
 
 QUICK = Settings(datasets=("monuseg",), ks={"monuseg": (2,)}, seeds=(0, 1), crop=128, train_crop=64, steps=3,
@@ -185,6 +191,10 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                 "train_groups": split.train_groups, "test_groups": split.test_groups, "seeds": {},
                 "renderers": {}}
             for label in versions:
+                if label == REAL:
+                    entry["renderers"][label] = {"version": REAL, "saw_held_back": [],
+                                                 "images": "the real crops the rendered masks were cut from"}
+                    continue
                 version, variant = parse_label(label)
                 manifest = model_store.get(RENDERER, version)
                 engine, precision = PRECISION_VARIANTS[variant] if variant else ("onnxruntime", "fp32")
@@ -210,7 +220,7 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                                      f"{settings.synthetic_factor} x k = {max(settings.ks[dataset])}; delete it to redraw")
                 for label in versions:
                     rendered = data_dir / f"{dataset}-seed{seed}-v{label}.npz"
-                    if rendered.is_file():
+                    if label == REAL or rendered.is_file():  # the ceiling reads the seed file's real crops
                         continue
                     version, variant = parse_label(label)
                     servers, client = services(variant)
@@ -334,8 +344,9 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     if spec.arm in ("A", "B"):
         pools["real"] = (seed_arrays["real_images"][:k], data.targets(seed_arrays["real_instances"][:k]))
     if spec.arm in ("B", "C"):
-        pools["synthetic"] = (np.load(spec.synthetic_file)["images"][:m],
-                              data.targets(seed_arrays["mask_instances"][:m]))
+        images = (seed_arrays["mask_source_images"] if spec.version == REAL
+                  else np.load(spec.synthetic_file)["images"])
+        pools["synthetic"] = (images[:m], data.targets(seed_arrays["mask_instances"][:m]))
     started = time.perf_counter()
     model, losses = train_segmenter(spec, pools)
     train_seconds = time.perf_counter() - started
@@ -401,22 +412,31 @@ def paired(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str,
     return paired_stats(other, base)
 
 
+def paired_labels(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, label: str, base_label: str,
+                  metric: str) -> dict[str, Any] | None:
+    """An arm with one renderer label minus the same arm with another, paired by seed (same masks, seeds, init)."""
+    def per_seed(name: str) -> dict[int, float]:
+        return {r["seed"]: scores(r["counts"])[metric] for r in results
+                if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, name)}
+    base, other = per_seed(base_label), per_seed(label)
+    stats = paired_stats(other, base)
+    if stats is None:
+        return None
+    return {**stats, "base": mean_std([base[s] for s in stats["seeds"]]),
+            "other": mean_std([other[s] for s in stats["seeds"]])}
+
+
 def paired_variant(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, label: str,
                    metric: str) -> dict[str, Any] | None:
     """A precision variant's arm minus the same arm of its fp32 version, paired by seed (same masks, seeds, init)."""
     version, variant = parse_label(label)
     if variant is None:
         return None
-
-    def per_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: scores(r["counts"])[metric] for r in results
-                if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, name)}
-    base, other = per_seed(version), per_seed(label)
-    stats = paired_stats(other, base)
+    stats = paired_labels(results, dataset, k, arm, label, version, metric)
     if stats is None:
         return None
-    return {**stats, "fp32": mean_std([base[s] for s in stats["seeds"]]),
-            "variant": mean_std([other[s] for s in stats["seeds"]])}
+    base, other = stats.pop("base"), stats.pop("other")
+    return {**stats, "fp32": base, "variant": other}
 
 
 def real_data_gain(results: Sequence[Mapping[str, Any]], dataset: str, k_small: int, k_large: int,
@@ -511,7 +531,7 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
             entry["held_back_nucleus_contrast"] = contrast_summary(held_contrast)
             entry["real_vs_real"]["nucleus_contrast"] = contrast_scores(
                 held_contrast, nucleus_contrast(real_train[:n], mask_instances[:n]))
-            for version in versions:
+            for version in (v for v in versions if v != REAL):  # REAL's crops are real_vs_real's
                 synthetic = np.load(data_dir / f"{dataset}-seed{seed0}-v{version}.npz")["images"][:n]
                 entry[f"v{version}"] = scorer.score(held_n, synthetic, options)
                 entry[f"v{version}"]["stain_wasserstein"] = stain_distances(held_n, synthetic)
@@ -523,7 +543,9 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
 
 # ============================================================================================ report
 def _title(label: str) -> str:
-    """"2" -> "v2"; "2-openvino-bf16" -> "v2 (openvino bf16)"."""
+    """"2" -> "v2"; "2-openvino-bf16" -> "v2 (openvino bf16)"; "real" -> the ceiling."""
+    if label == REAL:
+        return "ceiling (real images of the rendered masks)"
     version, variant = parse_label(label)
     return f"v{version}" + (f" ({' '.join(PRECISION_VARIANTS[variant])})" if variant else "")
 
@@ -556,6 +578,9 @@ def summarize(settings: Settings, results: Sequence[Mapping[str, Any]], meta: Ma
                         "tiles": len(subset),
                         "arms": {arm: arm_scores(results, dataset, k, arm, version, subset) for arm in ARMS},
                         "B-A": {m: paired(results, dataset, k, "B", version, m, subset) for m in METRICS}}
+                if REAL in versions and version != REAL:  # the renderer's gap to the ceiling
+                    entry["vs_real"] = {arm: {m: paired_labels(results, dataset, k, arm, version, REAL, m)
+                                              for m in METRICS} for arm in ("B", "C")}
                 if parse_label(version)[1] is not None:
                     entry["vs_fp32"] = {arm: {m: paired_variant(results, dataset, k, arm, version, m) for m in METRICS}
                                         for arm in ("B", "C")}
@@ -640,7 +665,16 @@ def write_report(out: Path, command: str, settings: Settings, meta: Mapping[str,
             "seed:\n\n" + table(["paired difference", "pixel Dice", "object F1", "AJI"],
                                 [[f"{arm} {_title(version)} − {arm} fp32"] + [_diff(vs_fp32[arm][m]) for m in METRICS]
                                  for arm in ("B", "C")]))
-        sections.append(f"""### {dataset}, k = {k}, m = {settings.synthetic_factor * k}, renderer {RENDERER} {_title(version)}
+        vs_real = entry.get("vs_real")
+        if vs_real:
+            variant_lines += "\n" + (
+                "The renders against the ceiling (the same arm trained on the real images of the same masks), paired "
+                "by seed:\n\n" + table(["paired difference", "pixel Dice", "object F1", "AJI"],
+                                        [[f"{arm} {_title(version)} − {arm} real"] + [_diff(vs_real[arm][m])
+                                                                                  for m in METRICS]
+                                         for arm in ("B", "C")]))
+        source = "" if version == REAL else f"renderer {RENDERER} "
+        sections.append(f"""### {dataset}, k = {k}, m = {settings.synthetic_factor * k}, {source}{_title(version)}
 
 {table(["arm", "pixel Dice", "object F1 (IoU > 0.5)", "AJI"], rows)}
 {table(["paired difference", "pixel Dice", "object F1", "AJI"], diff_rows)}
@@ -649,7 +683,7 @@ Per organ (pixel Dice; differences paired by seed):
 {table(["organ", "images", "A", "B", "C", "B − A Dice", "B − A object F1"], organ_rows)}{unseen_line}{variant_lines}""")
     dist_rows = []
     for dataset, entry in distributions.items():
-        for name in ["real_vs_real"] + [f"v{v}" for v in versions]:
+        for name in ["real_vs_real"] + [f"v{v}" for v in versions if v != REAL]:
             s = entry[name]
             label = ("real (training tiles) vs held-back" if name == "real_vs_real"
                      else f"{RENDERER} {_title(name[1:])} vs held-back")
@@ -666,7 +700,7 @@ Per organ (pixel Dice; differences paired by seed):
         e = next(iter(distributions.values()))["real_vs_real"]["extractor"]
         extractor = f"{e['name']} v{e['version']} ({e['family']}, standard FID: {e['standard_fid']})"
     warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
-    check_rows = [[version, name, "yes" if ok else "**no**"] for version, c in checks.items() for name, ok in c.items()]
+    check_rows = [["ceiling (real)" if version == f"v{REAL}" else version, name, "yes" if ok else "**no**"] for version, c in checks.items() for name, ok in c.items()]
     gain_rows = [[key.split("/")[0], key.split("/")[1].replace("-", " − ")] + [_diff(g[m]) for m in METRICS]
                  for key, g in gains.items()]
     gain_section = "" if not gain_rows else f"""
@@ -674,6 +708,16 @@ What more real data buys under the same protocol (arm A at the largest k minus a
 nested draws): the yardstick for B − A.
 
 {table(["data", "difference", "pixel Dice", "object F1", "AJI"], gain_rows)}"""
+    ceiling_rows = [[key.split("/")[0], key.split("/")[1][1:], f"{arm} real − A"]
+                    + [_diff(entry["paired"][f"{arm}-A"][m]) for m in METRICS]
+                    for key, entry in summary.items() if key.endswith(f"/v{REAL}") for arm in ("B", "C")]
+    if ceiling_rows:
+        gain_section += f"""
+The ceiling: arms B and C trained on the real images of the very masks that were rendered (a renderer
+indistinguishable from real tissue). B(real) − A is what such a renderer would add under this protocol: the reference
+for B − A (a renderer could only beat it by drawing tissue easier to learn from than real tissue).
+
+{table(["data", "k", "difference", "pixel Dice", "object F1", "AJI"], ceiling_rows)}"""
     total_minutes = sum(r["train_seconds"] for r in results) / 60
     variant_protocol = "" if not settings.precision_variants else (
         "\n  Precision variants (" + ", ".join(f"{name}: {' '.join(PRECISION_VARIANTS[name])}"
@@ -748,7 +792,8 @@ def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_di
         k = min(settings.ks[dataset])
         truth = three_class_target(test["instances"][0][:256, :256])
         row = [test["images"][0][:256, :256], _colour(truth)]
-        newest = [label for label in versions if parse_label(label)[1] is None][-1:] or list(versions[-1:])
+        rendered = [label for label in versions if label != REAL]
+        newest = [label for label in rendered if parse_label(label)[1] is None][-1:] or rendered[-1:]
         for arm, version in [("A", "")] + [(arm, newest[0]) for arm in ("B", "C")]:
             run = runs_dir / RunSpec(dataset, k, seed, arm, version, "", "", "", "", {}).key / "preview.npz"
             if run.is_file():
@@ -757,7 +802,7 @@ def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_di
     files.append(report.save_grid("segmentation.png", rows))
     for dataset in settings.datasets:
         arrays = np.load(data_dir / f"{dataset}-seed{seed}.npz")
-        renders = [np.load(data_dir / f"{dataset}-seed{seed}-v{v}.npz")["images"] for v in versions]
+        renders = [np.load(data_dir / f"{dataset}-seed{seed}-v{v}.npz")["images"] for v in versions if v != REAL]
         grid = [[_colour(three_class_target(arrays["mask_instances"][i]))] + [r[i] for r in renders]
                 + [arrays["mask_source_images"][i]] for i in range(min(4, len(arrays["mask_instances"])))]
         files.append(report.save_grid(f"synthetic_{dataset}.png", grid))
@@ -782,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "<version>-<variant>) and pair their arms with fp32")
     parser.add_argument("--datasets", nargs="*", help="a subset of the datasets (default: all)")
     parser.add_argument("--ks", type=int, nargs="*", help="a subset of k (real crops), for every dataset")
+    parser.add_argument("--no-real-ceiling", action="store_true",
+                        help="skip the ceiling arms (B and C on the real images of the rendered masks)")
     parser.add_argument("--arms", nargs="*", choices=["B", "C"], default=["B", "C"],
                         help="renderer arms to train beside A (default both; A always runs, every arm pairs with it)")
     args = parser.parse_args(argv)
@@ -803,9 +850,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = replace(settings, **{name: getattr(args, name)})
     if args.seeds:
         settings = replace(settings, seeds=tuple(args.seeds))
+    if args.no_real_ceiling:
+        settings = replace(settings, real_ceiling=False)
     versions = tuple(args.versions) if args.versions else tuple(
         ModelStore(args.store).versions(RENDERER))
-    labels = renderer_labels(versions, settings.precision_variants)
+    labels = renderer_labels(versions, settings.precision_variants) + ((REAL,) if settings.real_ceiling else ())
     command = "python -m training.experiments.downstream " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.time()
     data_dir = args.runs_dir / "data"
@@ -821,7 +870,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 arms = [("A", "")] + [(arm, v) for v in labels for arm in ("B", "C") if arm in args.arms]
                 for arm, version in arms:
                     spec = RunSpec(dataset, k, seed, arm, version, "", str(data_dir / f"{dataset}-seed{seed}.npz"),
-                                   str(data_dir / f"{dataset}-seed{seed}-v{version}.npz") if version else "",
+                                   str(data_dir / f"{dataset}-seed{seed}-v{version}.npz")
+                                   if version and version != REAL else "",
                                    str(data_dir / f"{dataset}-test.npz"), plain)
                     specs.append(replace(spec, run_dir=str(args.runs_dir / spec.key)))
     results = run_all(specs, settings.parallel)

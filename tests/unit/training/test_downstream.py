@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from services.core.model_store import ModelStore
 from services.core.runtimes.selection import record_check
@@ -93,7 +94,13 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
     assert report["split"]["monuseg"]["test_groups"] == ["monuseg:TCGA-NH-A8F7"]
     # renderer v1 trained on that patient: the report must say so
     assert report["split"]["monuseg"]["renderers"]["1"]["saw_held_back"] == ["monuseg:TCGA-NH-A8F7"]
-    assert len(report["runs"]) == len(quick.seeds) * 3
+    # A, B and C with v1, and B and C on the masks' own real crops (the ceiling)
+    assert len(report["runs"]) == len(quick.seeds) * 5
+    assert report["split"]["monuseg"]["renderers"]["real"]["saw_held_back"] == []
+    ceiling = report["summary"]["monuseg/k2/vreal"]
+    assert ceiling["arms"]["B"]["seeds"] == list(quick.seeds) and "vreal" not in report["distribution"]["monuseg"]
+    assert report["summary"]["monuseg/k2/v1"]["vs_real"]["B"]["pixel_dice"]["n"] == len(quick.seeds)
+    assert not (runs / "data" / "monuseg-seed0-vreal.npz").exists()  # read from the seed file, not copied
     for run in report["runs"]:
         assert run["steps"] == quick.steps
         assert set(run["scores"]) == {"pixel_dice", "object_f1", "aji"}
@@ -113,7 +120,7 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
     synthetic = np.load(runs / "data" / "monuseg-seed0-v1.npz")["images"]
     assert synthetic.shape == (quick.synthetic_factor * 2, quick.crop, quick.crop, 3) and synthetic.dtype == np.uint8
     readme = (out / "README.md").read_text()
-    assert "B − A" in readme and "Protocol" in readme
+    assert "B − A" in readme and "Protocol" in readme and "B real − A" in readme
     for grid in report["grids"]:
         assert (out / grid).is_file()
     # A second invocation reuses every finished run (nothing retrained).
@@ -124,6 +131,7 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
     assert downstream.main(argv + ["--arms", "B", "--no-distribution"]) == 0
     report = json.loads((out / "report.json").read_text())["results"]
     assert sorted({run["arm"] for run in report["runs"]}) == ["A", "B"]
+    assert sorted({run["version"] for run in report["runs"]}) == ["", "1", "real"]
     assert report["summary"]["monuseg/k2/v1"]["arms"]["C"] is None
 
 
@@ -250,3 +258,27 @@ def test_nucleus_contrast_is_hematoxylin_inside_minus_outside_and_skips_crops_wi
     scores = downstream.contrast_scores(contrast, contrast[:1])
     assert scores["n"] == 1 and scores["w1_to_held_back"] == pytest.approx(abs(contrast[0] - contrast[1]) / 2)
 
+
+
+def test_the_ceiling_trains_on_the_real_crops_of_the_rendered_masks(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    instances = np.zeros((4, 16, 16), np.int32)
+    instances[:, 4:9, 4:9] = 1
+    seed_file, test_file = tmp_path / "seed.npz", tmp_path / "test.npz"
+    np.savez(seed_file, real_images=rng.integers(0, 255, (4, 16, 16, 3), np.uint8), real_instances=instances,
+             mask_instances=instances, mask_class_maps=(instances > 0).astype(np.uint8),
+             mask_source_images=rng.integers(0, 255, (4, 16, 16, 3), np.uint8))
+    np.savez(test_file, images=rng.integers(0, 255, (1, 16, 16, 3), np.uint8), instances=instances[:1])
+    seen: dict[str, np.ndarray] = {}
+
+    def capture(spec: downstream.RunSpec, pools: dict) -> tuple[torch.nn.Module, list]:
+        seen.update({name: images for name, (images, _) in pools.items()})
+        return torch.nn.Conv2d(3, 3, 1), [0.0]
+    monkeypatch.setattr(downstream, "train_segmenter", capture)
+    spec = downstream.RunSpec("monuseg", 1, 0, "B", downstream.REAL, str(tmp_path / "run"), str(seed_file), "",
+                              str(test_file), {"steps": 1, "synthetic_factor": 4})
+    downstream.run_one(spec)
+    with np.load(seed_file) as arrays:
+        assert np.array_equal(seen["synthetic"], arrays["mask_source_images"])
+        assert np.array_equal(seen["real"], arrays["real_images"][:1])
