@@ -7,6 +7,11 @@ Each discriminator is a PatchGAN (n_layers=3, LeakyReLU 0.2) that returns every 
 the trainer can compute the feature-matching loss; the second one sees the input downsampled by 2.
 Sizes differ from the paper to fit < 30 MB of weights and CPU training (ngf 32, 3 downsamplings, few blocks);
 inputs must be multiples of 2**n_downsample px.
+
+``downsample_padding="reflect"`` pads the strided convs by reflection instead of zeros (the default, which shipped
+weights were trained with). On even sizes a stride-2 conv3 with zero padding 1 reads padding only at the top and
+left, so the net can locate those two borders: renderer-he-nuclei v3 draws a faint frame about 40 px inside the top
+and left edges of every 256 px render. The option changes no weight shape or name, so shipped weights load into it.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ class ResnetBlock(nn.Module):
 
 class GlobalGenerator(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 3, ngf: int = 32, n_downsample: int = 3,
-                 n_blocks: int = 4):
+                 n_blocks: int = 4, downsample_padding: str = "zeros"):
         super().__init__()
+        if downsample_padding not in ("zeros", "reflect"):
+            raise ValueError(f"downsample_padding must be 'zeros' or 'reflect', got {downsample_padding!r}")
         self.size_multiple = 2 ** n_downsample
         layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7), nn.InstanceNorm2d(ngf),
                                    nn.ReLU(True)]
         ch = ngf
         for _ in range(n_downsample):
-            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
+            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1, padding_mode=downsample_padding),
+                       nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
             ch *= 2
         layers += [ResnetBlock(ch) for _ in range(n_blocks)]
         for _ in range(n_downsample):

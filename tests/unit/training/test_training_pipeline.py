@@ -160,6 +160,34 @@ def test_export_parity_at_two_sizes_and_dynamic_axes(tmp_path: Path) -> None:
         assert key in manifest, key
 
 
+def test_reflect_padded_generator_takes_zero_padded_weights_exports_and_loses_the_top_left_border_cue(
+        tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from training.models.pix2pixhd_global import GlobalGenerator
+
+    zero = _tiny_renderer()
+    reflect = GlobalGenerator(in_channels=5, ngf=4, n_downsample=2, n_blocks=1, downsample_padding="reflect")
+    reflect.load_state_dict(zero.state_dict())  # same names and shapes: shipped weights load as they are
+    # A uniform label: reflection padding keeps the strided convs' input uniform up to the border, zero padding
+    # does not, so only the zero-padded net's output varies near the top and left edges.
+    label = torch.zeros(1, 5, 32, 32)
+    label[:, 0] = 1
+    zero.eval(), reflect.eval()
+    with torch.no_grad():
+        spread_zero, spread_reflect = float(zero(label).std()), float(reflect(label).std())
+    assert spread_reflect < 1e-4 < spread_zero
+    version_dir = export_to_model_store(
+        reflect, (torch.zeros(1, 5, 64, 64),), name="tiny-renderer", version=1, kind="test",
+        input_names=["label"], output_names=["image"], dynamic_axes=AXES, metadata={"num_classes": 4},
+        provenance=PROVENANCE, store_root=tmp_path, parity_sizes=[(64, 64), (48, 80)], atol=1e-4,
+        card=ModelCard("tiny", "s", "d", "i", "l"))
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"label": label.numpy()})[0].std() < 1e-4
+    with pytest.raises(ValueError, match="downsample_padding"):
+        GlobalGenerator(in_channels=5, downsample_padding="circular")
+
+
 def test_export_refuses_existing_version_and_bad_tolerance(tmp_path: Path) -> None:
     kwargs = dict(name="tiny-renderer", kind="test", input_names=["label"], output_names=["image"],
                   dynamic_axes=AXES, metadata={}, provenance=PROVENANCE, store_root=tmp_path,
