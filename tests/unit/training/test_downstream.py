@@ -114,6 +114,7 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
     for name in ("real_vs_real", "v1"):
         contrast = dist[name]["nucleus_contrast"]
         assert contrast["n"] > 0 and np.isfinite(contrast["mean"]) and contrast["w1_to_held_back"] >= 0
+    assert all(dist[name]["fixed_line_ratio"] >= 1.0 for name in ("real_vs_real", "v1"))
     assert dist["held_back_nucleus_contrast"]["mean"] > 0  # real nuclei hold more hematoxylin than their surround
     assert {"FID <= 1.5x real-vs-real", "recall >= 0.3", "W1 H <= real-vs-real",
             "W1 nucleus contrast <= real-vs-real"} <= set(report["done_when"]["v1"])
@@ -282,3 +283,14 @@ def test_the_ceiling_trains_on_the_real_crops_of_the_rendered_masks(tmp_path: Pa
     with np.load(seed_file) as arrays:
         assert np.array_equal(seen["synthetic"], arrays["mask_source_images"])
         assert np.array_equal(seen["real"], arrays["real_images"][:1])
+
+
+def test_fixed_line_ratio_finds_a_line_drawn_at_one_offset_in_every_crop() -> None:
+    rng = np.random.default_rng(0)
+    crops = rng.integers(100, 156, (16, 64, 64, 3)).astype(np.uint8)
+    plain = downstream.fixed_line_ratio(crops)
+    framed = crops.copy()
+    framed[:, 20, :, :] = 40  # a dark row 20 px below the top of every crop
+    assert plain < 1.2 < 2.0 < downstream.fixed_line_ratio(framed)
+    transposed = np.ascontiguousarray(framed.transpose(0, 2, 1, 3))  # the same line as a column
+    assert downstream.fixed_line_ratio(transposed) == pytest.approx(downstream.fixed_line_ratio(framed))
