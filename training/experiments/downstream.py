@@ -400,30 +400,34 @@ def paired_stats(other: Mapping[int, float], base: Mapping[int, float]) -> dict[
     return {**mean_std(diffs), "p_paired_t": p, "seeds": seeds, "higher": int(sum(d > 0 for d in diffs))}
 
 
-def paired(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
-           metric: str, subset: Sequence[int] | None = None) -> dict[str, Any] | None:
-    """arm - A per seed, mean +- std and a two-sided paired t-test (None when fewer than 2 seeds pair)."""
+def seed_scores(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str, metric: str,
+                subset: Sequence[int] | None = None) -> dict[int, float]:
+    """seed -> ``metric`` of one arm's runs (arm A has version ""), over all held-back images or ``subset``."""
     def score(r: Mapping[str, Any]) -> float:
         counts = r["counts"] if subset is None else [r["counts"][i] for i in subset]
         return scores(counts)[metric]
-    base = {r["seed"]: score(r) for r in results if (r["dataset"], r["k"], r["arm"]) == (dataset, k, "A")}
-    other = {r["seed"]: score(r) for r in results
-             if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, version)}
-    return paired_stats(other, base)
+    return {r["seed"]: score(r) for r in results
+            if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, version)}
+
+
+def paired(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
+           metric: str, subset: Sequence[int] | None = None) -> dict[str, Any] | None:
+    """arm - A per seed, mean +- std and a two-sided paired t-test (None when fewer than 2 seeds pair)."""
+    return paired_stats(seed_scores(results, dataset, k, arm, version, metric, subset),
+                        seed_scores(results, dataset, k, "A", "", metric, subset))
 
 
 def paired_labels(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, label: str, base_label: str,
-                  metric: str) -> dict[str, Any] | None:
-    """An arm with one renderer label minus the same arm with another, paired by seed (same masks, seeds, init)."""
-    def per_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: scores(r["counts"])[metric] for r in results
-                if (r["dataset"], r["k"], r["arm"], r["version"]) == (dataset, k, arm, name)}
-    base, other = per_seed(base_label), per_seed(label)
+                  metric: str, names: tuple[str, str] = ("base", "other")) -> dict[str, Any] | None:
+    """An arm with one renderer label minus the same arm with another, paired by seed (same masks, seeds, init),
+    with each side's mean +- std over the paired seeds under ``names`` (base, other)."""
+    base = seed_scores(results, dataset, k, arm, base_label, metric)
+    other = seed_scores(results, dataset, k, arm, label, metric)
     stats = paired_stats(other, base)
     if stats is None:
         return None
-    return {**stats, "base": mean_std([base[s] for s in stats["seeds"]]),
-            "other": mean_std([other[s] for s in stats["seeds"]])}
+    return {**stats, names[0]: mean_std([base[s] for s in stats["seeds"]]),
+            names[1]: mean_std([other[s] for s in stats["seeds"]])}
 
 
 def paired_variant(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, label: str,
@@ -432,11 +436,7 @@ def paired_variant(results: Sequence[Mapping[str, Any]], dataset: str, k: int, a
     version, variant = parse_label(label)
     if variant is None:
         return None
-    stats = paired_labels(results, dataset, k, arm, label, version, metric)
-    if stats is None:
-        return None
-    base, other = stats.pop("base"), stats.pop("other")
-    return {**stats, "fp32": base, "variant": other}
+    return paired_labels(results, dataset, k, arm, label, version, metric, names=("fp32", "variant"))
 
 
 def real_data_gain(results: Sequence[Mapping[str, Any]], dataset: str, k_small: int, k_large: int,
@@ -446,10 +446,8 @@ def real_data_gain(results: Sequence[Mapping[str, Any]], dataset: str, k_small: 
     The draws are nested (k_small crops are the first of the k_large), so this is the yardstick for B - A: a
     synthetic gain larger than the gain of 4x more real data would need the renders to beat real tissue.
     """
-    def per_seed(k: int) -> dict[int, float]:
-        return {r["seed"]: scores(r["counts"])[metric] for r in results
-                if (r["dataset"], r["k"], r["arm"]) == (dataset, k, "A")}
-    return paired_stats(per_seed(k_large), per_seed(k_small))
+    return paired_stats(seed_scores(results, dataset, k_large, "A", "", metric),
+                        seed_scores(results, dataset, k_small, "A", "", metric))
 
 
 def arm_scores(results: Sequence[Mapping[str, Any]], dataset: str, k: int, arm: str, version: str,
@@ -718,7 +716,8 @@ Per organ (pixel Dice; differences paired by seed):
         e = next(iter(distributions.values()))["real_vs_real"]["extractor"]
         extractor = f"{e['name']} v{e['version']} ({e['family']}, standard FID: {e['standard_fid']})"
     warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
-    check_rows = [["ceiling (real)" if version == f"v{REAL}" else version, name, "yes" if ok else "**no**"] for version, c in checks.items() for name, ok in c.items()]
+    check_rows = [["ceiling (real)" if version == f"v{REAL}" else version, name, "yes" if ok else "**no**"]
+                  for version, c in checks.items() for name, ok in c.items()]
     gain_rows = [[key.split("/")[0], key.split("/")[1].replace("-", " − ")] + [_diff(g[m]) for m in METRICS]
                  for key, g in gains.items()]
     gain_section = "" if not gain_rows else f"""
