@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from services._generated.histosynth.v1 import scoring_pb2, scoring_pb2_grpc
 from services.all_in_one import BackgroundServers
 from services.core.config import ServerConfig
 from services.tensor_codec import array_to_tensor
+from training.provenance import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPORTS_ROOT = REPO_ROOT / "reports"
@@ -60,17 +60,6 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     array = np.asarray(values, dtype=np.float64)
     return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
             "n": int(array.size), "values": [float(v) for v in array]}
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -118,7 +107,7 @@ class ExperimentReport:
         payload = {
             "experiment": self.name,
             "command": self.command,
-            "code_version": git_commit(),
+            "code_version": git_commit(include_untracked=False),
             "machine": machine(),
             "wall_seconds": round(time.time() - self.started, 1),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from training.data.benchmark_split import held_back_groups
-from training.export.onnx_export import ModelCard, export_to_model_store, git_commit, hardware_string, png_bytes
+from training.export.onnx_export import ModelCard, export_to_model_store, hardware_string, png_bytes
+from training.provenance import training_commit_fields
 from training.train import load_config
 from training.trainers import get_trainer
 from training.trainers.base import make_grid
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
     data = config["data"]
     datasets = data.get("datasets") or [s["dataset"] for s in data["sources"]]
     provenance = {
-        "training_commit": git_commit(Path(__file__).resolve().parents[2]),
+        **training_commit_fields(payload),
         "config": config,
         "seed": int(config.get("seed", 0)),
         "data": list(datasets),

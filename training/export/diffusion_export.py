@@ -33,9 +33,10 @@ import torch
 
 from services.scoring import mask_stats
 from training.data import diffusion_data as dd
-from training.export.onnx_export import (ModelCard, export_to_model_store, git_commit, hardware_string, png_bytes,
+from training.export.onnx_export import (ModelCard, export_to_model_store, hardware_string, png_bytes,
                                          render_model_card)
 from training.models.diffusion_denoiser import build_denoiser, parameter_count
+from training.provenance import training_commit_fields
 from training.trainers.base import make_grid
 from training.trainers.diffusion_trainer import build_splits, colorize_mask, sample_ddim, to_rgb, to_uint8
 
@@ -59,6 +60,7 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = build_denoiser(payload["config"]["model"])
     model.load_state_dict(payload["ema"])
     info = {k: payload[k] for k in ("step", "train_seconds", "config", "splits")}
+    info["code_commits"] = payload.get("code_commits", [])
     return model.eval(), info
 
 
@@ -228,7 +230,7 @@ def export_denoiser(model: torch.nn.Module, info: Mapping[str, Any], name: str, 
     config = info["config"]
     data = config["data"]
     example = parity_inputs_for(config)(2, 64, 64, torch.Generator().manual_seed(0))
-    provenance = {"training_commit": git_commit(), "config": config, "seed": int(config.get("seed", 0)),
+    provenance = {**training_commit_fields(info), "config": config, "seed": int(config.get("seed", 0)),
                   "data": [data.get("dataset", "consep")], "steps": int(info["step"]),
                   "train_seconds": round(float(info["train_seconds"]), 1), "hardware": hardware_string(),
                   "split": {"fractions": list(data["split_fractions"]), "seed": int(data["split_seed"]),

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.core.model_store import file_sha256
-from training.export.onnx_export import export_to_model_store, git_commit, hardware_string
+from training.export.onnx_export import export_to_model_store, hardware_string
+from training.provenance import git_commit
 
 PUBLISHED_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # torch.hub convention: the hex run in the file name is the prefix of the file's sha256.
@@ -315,7 +316,7 @@ def export_fid_inception(weights_path: Path | str, *, store_root: Path | str = P
         "weights_sha256": info.sha256,
     }
     provenance = {
-        "training_commit": git_commit(Path(__file__).resolve().parents[2]),
+        "training_commit": git_commit(),  # nothing trained here: the code that converted the user's weights
         "config": {"architecture": "FIDInceptionV3 (pytorch-fid blocks)", "weights_file": Path(info.path).name,
                    "weights_sha256": info.sha256, "expected_sha256": expected_sha256,
                    "published_sha256_prefix": PUBLISHED_SHA256_PREFIX},

@@ -13,7 +13,6 @@ import io
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,18 +64,6 @@ class ModelCard:
 
 
 # --------------------------------------------------------------------------------------------- provenance helpers
-def git_commit(repo_dir: Path | str = ".") -> str:
-    """HEAD sha, suffixed with "-dirty" when the working tree has changes; "uncommitted" outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo_dir, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-    return f"{sha}-dirty" if dirty else sha
-
-
 def hardware_string() -> str:
     cpu = platform.processor() or platform.machine()
     try:

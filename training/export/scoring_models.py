@@ -33,7 +33,8 @@ from training.data.scoring_data import (
     segmentation_scheme,
 )
 from training.export.__main__ import final_losses
-from training.export.onnx_export import ModelCard, export_to_model_store, git_commit, hardware_string
+from training.export.onnx_export import ModelCard, export_to_model_store, hardware_string
+from training.provenance import training_commit_fields
 from training.models.histology_encoder import HistologyEncoder
 from training.models.tissue_segmenter import TissueSegmenter
 from training.train import load_config
@@ -311,7 +312,7 @@ SEGMENTER_CARDS = {
 
 def _provenance(config: Mapping[str, Any], payload: Mapping[str, Any], datasets: Sequence[str]) -> dict[str, Any]:
     return {
-        "training_commit": git_commit(Path(__file__).resolve().parents[2]),
+        **training_commit_fields(payload),
         "config": dict(config),
         "seed": int(config.get("seed", 0)),
         "data": list(datasets),

@@ -13,7 +13,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -23,6 +23,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from training.provenance import git_commit, note_code_version
 
 CHECKPOINT_NAME = "latest.pt"
 
@@ -95,6 +97,20 @@ def make_grid(rows: list[list[np.ndarray]], pad: int = 4) -> np.ndarray:
 class TrainState:
     step: int = 0
     train_seconds: float = 0.0
+    # {commit, from_step} per stretch of training done by one code version (training/provenance.py).
+    code_commits: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, payload: Mapping[str, Any]) -> "TrainState":
+        return cls(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]),
+                   code_commits=list(payload.get("code_commits") or []))
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {"step": self.step, "train_seconds": self.train_seconds, "code_commits": self.code_commits}
+
+    def note_code_version(self) -> None:
+        """Record the checkout's commit for the steps about to be trained (call once per start or resume)."""
+        self.code_commits = note_code_version(self.code_commits, self.step, git_commit())
 
 
 class GanTrainer:
@@ -193,8 +209,7 @@ class GanTrainer:
 
     def save_checkpoint(self) -> Path:
         payload = {
-            "step": self.state.step,
-            "train_seconds": self.state.train_seconds,
+            **self.state.checkpoint_fields(),
             "config": self.config,
             "splits": self.splits,
             "generator": self.generator.state_dict(),
@@ -225,7 +240,7 @@ class GanTrainer:
         if self.generator_ema is not None:
             # A run that gains EMA on resume starts its average from the current weights.
             self.generator_ema.load_state_dict(payload.get("generator_ema") or payload["generator"])
-        self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
+        self.state = TrainState.from_checkpoint(payload)
         return True
 
     def maybe_warm_start(self) -> dict[str, Any] | None:
@@ -318,6 +333,7 @@ class GanTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.maybe_resume()
         warm_start = None if resumed else self.maybe_warm_start()
+        self.state.note_code_version()
         (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=2))
         (self.out_dir / "splits.json").write_text(json.dumps(self.splits, indent=2))
         log_every = int(self.train_cfg.get("log_every", 10))

@@ -25,7 +25,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -298,6 +298,7 @@ def export_patch_generator(
     losses: Mapping[str, float] | None = None,
     training_notes: str | None = None,
     overwrite: bool = False,
+    code_commits: Sequence[Mapping[str, Any]] = (),
     prompt_table: Mapping[str, Any] | None = None,
     extra_metrics: Mapping[str, Any] | None = None,
     extra_card_sections: Mapping[str, str] | None = None,
@@ -308,7 +309,8 @@ def export_patch_generator(
     (label, morphology cluster) prompts, `class_names` are the prompt texts and the table goes into the metadata.
     `extra_metrics` / `extra_card_sections` add evaluation results to the manifest metrics / model card.
     """
-    from training.export.onnx_export import ModelCard, export_to_model_store, git_commit, hardware_string
+    from training.export.onnx_export import ModelCard, export_to_model_store, hardware_string
+    from training.provenance import training_commit_fields
 
     export_cfg = dict(config.get("export", {}))
     name = str(config.get("name", "patch-generator"))
@@ -369,7 +371,7 @@ def export_patch_generator(
     if prompt_table is not None:
         card = mep_card(card, prompt_table, train_counts, samples_per_class, sample_seed)
     provenance = {
-        "training_commit": git_commit(Path(__file__).resolve().parents[2]),
+        **training_commit_fields({"code_commits": code_commits}),
         "config": dict(config),
         "seed": int(config.get("seed", 0)),
         "data": ["glas", "monuseg", f"patches128 train split ({label_scheme}, grouped by source image)"],
@@ -513,6 +515,7 @@ def export_run(run_dir: str | Path, *, store_root: str | Path = "model_store", v
         version=version,
         losses=final_losses(run_dir / "losses.jsonl"),
         training_notes=notes,
+        code_commits=payload.get("code_commits", []),
         overwrite=overwrite,
         prompt_table=info["prompt_table"] if mep else None,
         extra_metrics=extra_metrics,

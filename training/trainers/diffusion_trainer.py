@@ -189,7 +189,7 @@ class DiffusionTrainer:
         return self.out_dir / CHECKPOINT_NAME
 
     def save_checkpoint(self) -> Path:
-        payload = {"step": self.state.step, "train_seconds": self.state.train_seconds, "config": self.config,
+        payload = {**self.state.checkpoint_fields(), "config": self.config,
                    "splits": self.splits, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
                    "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
                    "lr_schedule": self.lr_schedule.state_dict(), "rng": rng_states(),
@@ -207,7 +207,7 @@ class DiffusionTrainer:
         self.lr_schedule.load_state_dict(payload["lr_schedule"])
         restore_rng_states(payload["rng"])
         self.generator.set_state(payload["generator"])
-        self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
+        self.state = TrainState.from_checkpoint(payload)
         return True
 
     @torch.no_grad()
@@ -229,6 +229,7 @@ class DiffusionTrainer:
     def fit(self) -> TrainState:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.maybe_resume()
+        self.state.note_code_version()
         (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=2))
         (self.out_dir / "splits.json").write_text(json.dumps(self.splits, indent=2))
         log_every = int(self.train_cfg.get("log_every", 20))

@@ -97,8 +97,7 @@ class SupervisedTrainer:
 
     def save_checkpoint(self) -> Path:
         payload = {
-            "step": self.state.step,
-            "train_seconds": self.state.train_seconds,
+            **self.state.checkpoint_fields(),
             "total_steps": self.total_steps,
             "config": self.config,
             "splits": self.splits,
@@ -120,7 +119,7 @@ class SupervisedTrainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         restore_rng_states(payload["rng"])
         self.total_steps = max(int(payload.get("total_steps", self.total_steps)), self.total_steps)
-        self.state = TrainState(step=int(payload["step"]), train_seconds=float(payload["train_seconds"]))
+        self.state = TrainState.from_checkpoint(payload)
         return True
 
     def _fit_steps_to_budget(self, start: float, recent: list[tuple[int, float]], log) -> None:
@@ -148,6 +147,7 @@ class SupervisedTrainer:
     def fit(self) -> TrainState:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.maybe_resume()
+        self.state.note_code_version()
         (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=2))
         (self.out_dir / "splits.json").write_text(json.dumps(self.splits, indent=2))
         log_every = int(self.train_cfg.get("log_every", 10))

@@ -102,6 +102,8 @@ def test_a_few_training_steps_reduce_the_loss_and_resume(tmp_path, name):
     assert (tmp_path / "run" / "latest.pt").is_file()
     resumed = DiffusionTrainer(config, tmp_path / "run", FIXTURE_DATA, steps=41)
     assert resumed.fit().step == 41
+    history = torch.load(tmp_path / "run" / "latest.pt", map_location="cpu", weights_only=False)["code_commits"]
+    assert [c["from_step"] for c in history] == [0]  # resumed under the same commit: one entry
 
 
 def test_export_parity_and_contract_metadata(tmp_path):

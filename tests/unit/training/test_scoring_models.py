@@ -70,6 +70,7 @@ def test_encoder_trains_two_steps_and_resumes(tmp_path):
     assert state.step == 2
     payload = torch.load(tmp_path / "latest.pt", map_location="cpu", weights_only=False)
     assert payload["step"] == 2 and payload["config"]["name"] == "histology-encoder"
+    assert [c["from_step"] for c in payload["code_commits"]] == [0]  # resumed under the same commit
     log = (tmp_path / "losses.jsonl").read_text()
     assert '"event": "resumed"' in log and '"class_ce"' in log
     # train split never shares a patient with val/test

@@ -55,13 +55,18 @@ def write_config(tmp_path: Path, config: dict) -> Path:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_two_step_training_writes_checkpoint_grid_log_and_resumes(tmp_path: Path, name: str) -> None:
+def test_two_step_training_writes_checkpoint_grid_log_and_resumes(tmp_path: Path, name: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.provenance import git_commit
+    from training.trainers import base
+
     config_path = write_config(tmp_path, tiny_config(name))
     out = tmp_path / "run"
     train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
 
     checkpoint = torch.load(out / "latest.pt", map_location="cpu", weights_only=False)
     assert checkpoint["step"] == 2
+    assert checkpoint["code_commits"] == [{"commit": git_commit(), "from_step": 0}]
     assert (out / "samples_000002.png").is_file()
     records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step" in r and "event" not in r]
@@ -70,12 +75,16 @@ def test_two_step_training_writes_checkpoint_grid_log_and_resumes(tmp_path: Path
     splits = json.loads((out / "splits.json").read_text())
     assert splits["train"], "the grouped split must give the training set at least one group"
 
-    # resume: same out dir, one more step; continues from step 2 instead of restarting
+    # resume: same out dir, one more step; continues from step 2 instead of restarting, under "new" code
+    monkeypatch.setattr(base, "git_commit", lambda: "resumed-code")
     train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out), "--steps", "3"])
     records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert {"event": "resumed", "step": 2} in records
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]
-    assert torch.load(out / "latest.pt", map_location="cpu", weights_only=False)["step"] == 3
+    resumed = torch.load(out / "latest.pt", map_location="cpu", weights_only=False)
+    assert resumed["step"] == 3
+    assert resumed["code_commits"] == [{"commit": git_commit(), "from_step": 0},
+                                       {"commit": "resumed-code", "from_step": 2}]
 
 
 def test_export_cli_writes_manifest_that_model_store_loads(tmp_path: Path) -> None:
@@ -96,6 +105,9 @@ def test_export_cli_writes_manifest_that_model_store_loads(tmp_path: Path) -> No
     assert manifest.metadata["num_classes"] == 4
     assert manifest.metadata["input_channels"][-1] == "noise"
     assert manifest.provenance["steps"] == 2
+    trained_by = torch.load(out / "latest.pt", map_location="cpu", weights_only=False)["code_commits"]
+    assert manifest.provenance["training_commit"] == trained_by[0]["commit"]  # recorded at training, not export
+    assert "export_commit" in manifest.provenance
     assert manifest.metrics["onnx_parity_max_abs"] < 1e-3
     card = (version_dir / "MODEL_CARD.md").read_text()
     assert "## Scores" in card and "non-commercial" in card
