@@ -95,6 +95,11 @@ def parse_label(label: str) -> tuple[str, str | None]:
     return version, variant or None
 
 
+def labels_with_renders(labels: Sequence[str]) -> list[str]:
+    """The labels whose crops are renders (a render file per seed): all but the ceiling's REAL."""
+    return [label for label in labels if label != REAL]
+
+
 def renderer_labels(versions: Sequence[str], variants: Sequence[str]) -> tuple[str, ...]:
     """Every version at fp32, then every version in every variant."""
     return tuple(versions) + tuple(renderer_label(v, variant) for variant in variants for v in versions)
@@ -545,7 +550,7 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
             entry["held_back_nucleus_contrast"] = contrast_summary(held_contrast)
             entry["real_vs_real"]["nucleus_contrast"] = contrast_scores(
                 held_contrast, nucleus_contrast(real_train[:n], mask_instances[:n]))
-            for version in (v for v in versions if v != REAL):  # REAL's crops are real_vs_real's
+            for version in labels_with_renders(versions):  # REAL's crops are real_vs_real's
                 synthetic = np.load(data_dir / f"{dataset}-seed{seed0}-v{version}.npz")["images"][:n]
                 entry[f"v{version}"] = scorer.score(held_n, synthetic, options)
                 entry[f"v{version}"]["stain_wasserstein"] = stain_distances(held_n, synthetic)
@@ -698,7 +703,7 @@ Per organ (pixel Dice; differences paired by seed):
 {table(["organ", "images", "A", "B", "C", "B − A Dice", "B − A object F1"], organ_rows)}{unseen_line}{variant_lines}""")
     dist_rows = []
     for dataset, entry in distributions.items():
-        for name in ["real_vs_real"] + [f"v{v}" for v in versions if v != REAL]:
+        for name in ["real_vs_real"] + [f"v{v}" for v in labels_with_renders(versions)]:
             s = entry[name]
             label = ("real (training tiles) vs held-back" if name == "real_vs_real"
                      else f"{RENDERER} {_title(name[1:])} vs held-back")
@@ -811,7 +816,7 @@ def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_di
         k = min(settings.ks[dataset])
         truth = three_class_target(test["instances"][0][:256, :256])
         row = [test["images"][0][:256, :256], _colour(truth)]
-        rendered = [label for label in versions if label != REAL]
+        rendered = labels_with_renders(versions)
         newest = [label for label in rendered if parse_label(label)[1] is None][-1:] or rendered[-1:]
         for arm, version in [("A", "")] + [(arm, newest[0]) for arm in ("B", "C")]:
             run = runs_dir / RunSpec(dataset, k, seed, arm, version, "", "", "", "", {}).key / "preview.npz"
@@ -821,7 +826,8 @@ def _grids(report: ExperimentReport, settings: Settings, data_dir: Path, runs_di
     files.append(report.save_grid("segmentation.png", rows))
     for dataset in settings.datasets:
         arrays = np.load(data_dir / f"{dataset}-seed{seed}.npz")
-        renders = [np.load(data_dir / f"{dataset}-seed{seed}-v{v}.npz")["images"] for v in versions if v != REAL]
+        renders = [np.load(data_dir / f"{dataset}-seed{seed}-v{v}.npz")["images"]
+                   for v in labels_with_renders(versions)]
         grid = [[_colour(three_class_target(arrays["mask_instances"][i]))] + [r[i] for r in renders]
                 + [arrays["mask_source_images"][i]] for i in range(min(4, len(arrays["mask_instances"])))]
         files.append(report.save_grid(f"synthetic_{dataset}.png", grid))
