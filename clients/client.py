@@ -648,11 +648,16 @@ class HistosynthClient:
         steps: int | None = None,
         scheduler: str | None = None,
         guidance_scale: float | None = None,
+        stain_variation: bool = False,
+        stain_source: str = "",
         timeout: float | None = None,
     ) -> RenderOutput:
-        """``steps``/``scheduler``/``guidance_scale`` apply to diffusion renderers (None = model default)."""
+        """``steps``/``scheduler``/``guidance_scale`` apply to diffusion renderers (None = model default).
+        ``stain_variation`` gives each render the H&E levels of a real training crop (models with a stain bank),
+        drawn among ``stain_source``'s crops (e.g. "monuseg"; "" = all)."""
         request = mask_rendering_pb2.RenderRequest(
             model=model, model_version=version, seed=seed, noise_spacing=noise_spacing,
+            stain_variation=stain_variation, stain_source=stain_source,
             class_masks=tensor_codec.array_to_tensor(np.asarray(class_masks, np.uint8)),
             encoding=mask_rendering_pb2.IMAGE_ENCODING_RAW,
             diffusion=diffusion_options(steps, scheduler, guidance_scale),

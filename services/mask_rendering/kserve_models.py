@@ -44,6 +44,8 @@ class RenderPipelineModel(PipelineModel):
     parameters = (
         SEED,
         PipelineParameter("noise_spacing", float, "px between noise-label dots when none is sent; 0 = the model's"),
+        PipelineParameter("stain_source", str, "stain variation from the model's stain bank: a source dataset "
+                          "(e.g. monuseg) or 'all'; absent = none"),
     )
 
     def __init__(self, rendering: RenderingPipeline, model: str) -> None:
@@ -60,11 +62,20 @@ class RenderPipelineModel(PipelineModel):
             seed=optional_int(parameters, "seed") or 0,
             noise_spacing=float(parameters.get("noise_spacing", 0.0)),  # type: ignore[arg-type]
             deadline=deadline, diffusion=self.diffusion_options(parameters),
+            **stain_options(parameters),
         )
         return PipelineResult({"images": result.images}, result.model)
 
     def diffusion_options(self, parameters: Mapping[str, object]) -> DiffusionOptions | None:
         return None
+
+
+def stain_options(parameters: Mapping[str, object]) -> dict[str, object]:
+    """The ``stain_source`` parameter as Render's stain_variation / stain_source ('all' = every source)."""
+    source = parameters.get("stain_source")
+    if source is None:
+        return {}
+    return {"stain_variation": True, "stain_source": "" if source == "all" else str(source)}
 
 
 class DiffusionRenderPipelineModel(RenderPipelineModel):

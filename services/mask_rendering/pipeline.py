@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -36,6 +36,7 @@ from services.core.errors import InvalidInputError
 from services.core.arrays import check_seed, reflect_pad
 from services.core.png import encode_png  # noqa: F401 - the one PNG codec (re-exported for callers)
 from services.core.model_info import MaskGeneratorInfo, RendererInfo
+from services.core.stain import StainBank
 from services.diffusion.pipeline import DENOISER_KIND, DiffusionOptions, DiffusionPipeline, shared_pipeline
 from services.diffusion.spec import EDGES_CHANNEL, ROLE_IMAGE_RENDERER, ROLE_MASK_GENERATOR
 from services.mask_rendering.tiling import Tile, TileBlender, TilePlan
@@ -65,6 +66,8 @@ class RendererSpec:
     # Smallest H and W the network runs on (metadata min_size; default two size multiples, the size whose
     # bottleneck is 2 x 2 so pix2pixHD's reflection pads work); smaller fields are padded up to it.
     min_size: int = 1
+    # Real training crops' stain levels (metadata.stain_bank), for requests that ask for stain variation.
+    stain_bank: StainBank | None = field(default=None, compare=False)
 
     @classmethod
     def from_metadata(cls, model_key: str, metadata: Mapping[str, Any]) -> RendererSpec:
@@ -76,6 +79,8 @@ class RendererSpec:
             tile_size = required_multiple(metadata.get("tile_size"), DEFAULT_TILE_SIZE)
             multiple = required_multiple(metadata.get("size_multiple"), DEFAULT_RENDERER_SIZE_MULTIPLE)
             min_size = required_multiple(metadata.get("min_size"), 2 * multiple)
+            bank = metadata.get("stain_bank")
+            stain_bank = None if bank is None else StainBank.from_metadata(model_key, bank)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"model {model_key}: renderer metadata is incomplete or invalid: {error!r}") from None
         if num_classes < 1 or high <= low or tile_size % multiple:
@@ -92,6 +97,7 @@ class RendererSpec:
             tile_size=tile_size,
             size_multiple=multiple,
             min_size=min_size,
+            stain_bank=stain_bank,
         )
 
     @property
@@ -220,6 +226,8 @@ class RenderingPipeline:
         noise_spacing: float = 0.0,
         deadline: float | None = None,
         diffusion: DiffusionOptions | None = None,
+        stain_variation: bool = False,
+        stain_source: str = "",
     ) -> RenderResult:
         """Render ``class_masks`` ([N, H, W] or [H, W] class ids) into uint8 RGB [N, H, W, 3].
 
@@ -227,7 +235,9 @@ class RenderingPipeline:
         (ignored by models without that channel). Generated noise for sample i uses
         ``seed + i`` at ``noise_spacing`` px (0 = the model's trained spacing). For a diffusion
         renderer, ``diffusion`` chooses steps / scheduler / guidance (None = the model's defaults)
-        and sample i's initial noise comes from ``seed + i``.
+        and sample i's initial noise comes from ``seed + i``. ``stain_variation`` moves each render's H&E levels
+        to a row of the model's stain bank (real training crops' levels) drawn from ``seed + i``, among the rows of
+        ``stain_source`` (a dataset of the bank, e.g. "monuseg"; "" = all of them).
         """
         if not model:
             raise InvalidInputError(
@@ -246,7 +256,13 @@ class RenderingPipeline:
         if not np.isfinite(noise_spacing) or noise_spacing < 0:
             raise InvalidInputError(f"noise_spacing must be >= 0 (0 = the model's), got {noise_spacing}")
         check_seed(seed, count)
+        if stain_source and not stain_variation:
+            raise InvalidInputError(f"stain_source {stain_source!r} is set but stain_variation is not; set both, or "
+                                    "neither")
         served = await self.host.get(model, version or None)
+        if stain_variation and served.manifest.kind == DENOISER_KIND:
+            raise InvalidInputError(f"stain_variation: {served.manifest.key} is a diffusion renderer, which has no "
+                                    "stain bank; ask for it from a pix2pixHD H&E renderer such as renderer-he-nuclei")
         if served.manifest.kind == DENOISER_KIND:
             images, ref = await self.diffusion.render(
                 classes, model=model, version=version, instances=instances, seed=seed,
@@ -255,6 +271,14 @@ class RenderingPipeline:
             return RenderResult(images=images, model=ref, tiles_per_image=1)
         spec = self.spec(served)
         check_class_ids(classes, spec, served.manifest.key)
+        bank = spec.stain_bank
+        if stain_variation and bank is None:
+            raise InvalidInputError(f"stain_variation: {served.manifest.key} has no stain bank in its manifest "
+                                    "(metadata.stain_bank, written by training.export.stain_bank); render without "
+                                    "stain variation or pick a renderer version that has one")
+        if stain_source and bank is not None and stain_source not in bank.tables:
+            raise InvalidInputError(f"stain_source: {served.manifest.key}'s stain bank has no source {stain_source!r}; "
+                                    f"it has {', '.join(bank.sources)} (empty = all)")
 
         overlap = self.overlap_for(spec)
 
@@ -269,7 +293,10 @@ class RenderingPipeline:
                 seed + index,
                 noise_spacing,
             )
-            return await self.render_field(served, spec, maps, overlap, deadline)
+            image, tiles = await self.render_field(served, spec, maps, overlap, deadline)
+            if stain_variation and bank is not None:
+                image = await asyncio.to_thread(bank.restain, image, classes[index], seed + index, stain_source)
+            return image, tiles
 
         rendered = await asyncio.gather(*(one_field(index) for index in range(count)))
         return RenderResult(

@@ -87,6 +87,8 @@ class MaskRenderingServicer(mask_rendering_pb2_grpc.MaskRenderingServicer):
             noise_spacing=float(request.noise_spacing),
             deadline=deadline_of(context),
             diffusion=diffusion_options(request.diffusion),
+            stain_variation=bool(request.stain_variation),
+            stain_source=request.stain_source,
         )
         response = mask_rendering_pb2.RenderResponse(model=model_ref_to_proto(result.model))
         if encoding == "png":

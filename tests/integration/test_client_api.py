@@ -115,6 +115,8 @@ def test_typed_errors_keep_status_and_details(client: HistosynthClient) -> None:
         client.render(np.zeros((1, 8, 8), np.uint8), model="renderer-nope")
     assert isinstance(caught.value, grpc.RpcError) and caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "renderer-nope" in caught.value.details()
+    with pytest.raises(InvalidArgumentError, match=r"renderer-he-glands/\d+ has no stain bank"):
+        client.render(np.ones((1, 64, 64), np.uint8), model="renderer-he-glands", stain_variation=True)
     with pytest.raises(InvalidArgumentError):
         list(client.generate(dict(GLANDS, tissue="bones")))
     with pytest.raises(UnavailableError):

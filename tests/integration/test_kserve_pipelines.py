@@ -146,6 +146,8 @@ async def test_unbatched_mask_instances_noise_and_spacing_reach_render(rendering
         ({"instance_maps": instances}, {"seed": 4}, {"seed": 4}),
         ({"noise_labels": noise}, {}, {}),
         ({}, {"seed": 2, "noise_spacing": 3.0}, {"seed": 2, "noise_spacing": 3.0}),
+        ({}, {"seed": 5, "stain_source": "dark"}, {"seed": 5, "stain_variation": True, "stain_source": "dark"}),
+        ({}, {"seed": 5, "stain_source": "all"}, {"seed": 5, "stain_variation": True}),
     ]
     for extra, parameters, render_fields in cases:
         response = await stub.ModelInfer(pipeline_request(PIPELINE, {"class_masks": mask, **extra}, **parameters),

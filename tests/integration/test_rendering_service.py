@@ -71,6 +71,17 @@ async def test_render_with_given_noise_and_instances(rendering_server: LiveServe
     assert given.images.data == generated.images.data
 
 
+async def test_stain_variation_is_deterministic_and_changes_the_stain(rendering_server: LiveServer) -> None:
+    maps = classes(2, 24, 24)
+    plain = await stub(rendering_server).Render(render_request(maps, seed=2), timeout=30)
+    varied = await stub(rendering_server).Render(render_request(maps, seed=2, stain_variation=True), timeout=30)
+    again = await stub(rendering_server).Render(render_request(maps, seed=2, stain_variation=True), timeout=30)
+    assert varied.images.data == again.images.data and varied.images.data != plain.images.data
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub(rendering_server).Render(render_request(maps, stain_variation=True, stain_source="lab9"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "it has dark, pale" in caught.value.details()
+
+
 async def test_large_field_is_tiled(rendering_server: LiveServer) -> None:
     response = await stub(rendering_server).Render(render_request(classes(1, 100, 90)), timeout=30)
     assert tuple(response.images.shape) == (1, 100, 90, 3)

@@ -67,6 +67,21 @@ async def test_shipped_renderer_renders_tiled_field_deterministically(renderers:
     np.testing.assert_array_equal(together.images[1], alone.images[0])
 
 
+@pytest.mark.skipif("renderer-he-nuclei" not in RENDERERS, reason="renderer-he-nuclei is not shipped")
+async def test_shipped_nuclei_renderer_has_a_training_split_stain_bank_and_restains(renderers: ModelHost) -> None:
+    pipeline = RenderingPipeline(renderers)
+    served = await renderers.get("renderer-he-nuclei")
+    bank = pipeline.spec(served).stain_bank
+    assert bank is not None, "training.export.stain_bank was not run for this version"
+    assert set(bank.sources) == {"consep", "monuseg"} and min(len(t) for t in bank.tables.values()) >= 100
+    classes = np.zeros((1, 128, 128), np.uint8)
+    classes[0, 40:60, 40:60] = 1
+    plain = await pipeline.render(classes, model="renderer-he-nuclei", seed=3)
+    varied = await pipeline.render(classes, model="renderer-he-nuclei", seed=3, stain_variation=True,
+                                   stain_source="monuseg")
+    assert varied.images.shape == plain.images.shape and not np.array_equal(varied.images, plain.images)
+
+
 @pytest.mark.skipif(not REFINERS, reason="no trained refiner in model_store/ yet")
 @pytest.mark.parametrize("name", REFINERS)
 async def test_shipped_refiner_pads_and_crops(name: str) -> None:

@@ -18,7 +18,9 @@ from services.mask_rendering.pipeline import RenderingPipeline, encode_png, to_u
 from services.mask_rendering.servicer import RenderingSettings
 from services.mask_rendering.tiling import tile_starts
 from services.model_host import HostSettings, ModelHost
+from services.core.stain import rgb_to_hed, stain_levels
 from tests.fixtures.service_models import (
+    FIXTURE_STAIN_BANK,
     RENDERER_CLASSES,
     RENDERER_NAME,
     RENDERER_NOISE_SPACING,
@@ -230,3 +232,31 @@ def test_rendering_settings_from_env() -> None:
     assert RenderingSettings.from_env({"HISTOSYNTH_RENDER_TILE_SIZE": "512"}).tile_size == 512
     with pytest.raises(ConfigError, match="HISTOSYNTH_RENDER_TILE_OVERLAP='-3': must be >= 0"):
         RenderingSettings.from_env({"HISTOSYNTH_RENDER_TILE_OVERLAP": "-3"})
+
+
+async def test_stain_variation_restains_each_sample_to_its_seeds_bank_row(pipeline: RenderingPipeline) -> None:
+    classes = np.stack([blob_classes(48, 48, seed=i) for i in range(3)])
+    plain = await pipeline.render(classes, model=RENDERER_NAME, seed=10)
+    varied = await pipeline.render(classes, model=RENDERER_NAME, seed=10, stain_variation=True)
+    assert not np.array_equal(plain.images, varied.images)
+    again = await pipeline.render(classes[1:2], model=RENDERER_NAME, seed=11, stain_variation=True)
+    np.testing.assert_array_equal(again.images[0], varied.images[1])  # sample i: seed + i, whatever the batch
+    bank = pipeline.spec(await pipeline.host.get(RENDERER_NAME)).stain_bank
+    assert bank is not None and {name: rows.tolist() for name, rows in bank.tables.items()} == FIXTURE_STAIN_BANK
+    for index, image in enumerate(varied.images):
+        levels = stain_levels(rgb_to_hed(image), classes[index] != 0)
+        assert levels[0] == pytest.approx(bank.draw(10 + index)[0], abs=3e-3)  # H background level
+    dark = await pipeline.render(classes, model=RENDERER_NAME, seed=10, stain_variation=True, stain_source="dark")
+    for index, image in enumerate(dark.images):  # one row in that source: every sample gets it
+        levels = stain_levels(rgb_to_hed(image), classes[index] != 0)
+        assert levels[0] == pytest.approx(FIXTURE_STAIN_BANK["dark"][0][0], abs=3e-3)
+
+
+async def test_stain_variation_needs_a_stain_bank_and_a_known_source(pipeline: RenderingPipeline) -> None:
+    field = blob_classes(16, 16)[None]
+    with pytest.raises(InvalidInputError, match="renderer-whole/1 has no stain bank"):
+        await pipeline.render(field, model=WHOLE_FIELD_RENDERER, stain_variation=True)
+    with pytest.raises(InvalidInputError, match="has no source 'lab9'; it has dark, pale"):
+        await pipeline.render(field, model=RENDERER_NAME, stain_variation=True, stain_source="lab9")
+    with pytest.raises(InvalidInputError, match="stain_source 'dark' is set but stain_variation is not"):
+        await pipeline.render(field, model=RENDERER_NAME, stain_source="dark")

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from services._generated.histosynth.v1 import common_pb2 as histosynth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"histosynth/v1/mask_rendering.proto\x12\rhistosynth.v1\x1a\x1ahistosynth/v1/common.proto\"\x87\x01\n\x10\x44iffusionOptions\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x34\n\tscheduler\x18\x02 \x01(\x0e\x32!.histosynth.v1.DiffusionScheduler\x12\x1b\n\x0eguidance_scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_guidance_scale\"\xc5\x02\n\rRenderRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x0b\x63lass_masks\x18\x03 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12,\n\rinstance_maps\x18\x04 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12+\n\x0cnoise_labels\x18\x05 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12.\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x1c.histosynth.v1.ImageEncoding\x12\x15\n\rnoise_spacing\x18\x08 \x01(\x02\x12\x32\n\tdiffusion\x18\t \x01(\x0b\x32\x1f.histosynth.v1.DiffusionOptions\"s\n\x0eRenderResponse\x12%\n\x06images\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x12\n\npng_images\x18\x02 \x03(\x0c\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.histosynth.v1.ModelRef\"\xc1\x01\n\x1aGenerateNucleiMasksRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05types\x18\x03 \x03(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x32\n\tdiffusion\x18\x06 \x01(\x0b\x32\x1f.histosynth.v1.DiffusionOptions\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\r\n\x05width\x18\x08 \x01(\r\"\xb3\x01\n\x1bGenerateNucleiMasksResponse\x12)\n\nclass_maps\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12,\n\rinstance_maps\x18\x02 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.histosynth.v1.ModelRef\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t*_\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12IMAGE_ENCODING_RAW\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*~\n\x12\x44iffusionScheduler\x12#\n\x1f\x44IFFUSION_SCHEDULER_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44IFFUSION_SCHEDULER_DDIM\x10\x01\x12%\n!DIFFUSION_SCHEDULER_DPM_SOLVER_PP\x10\x02\x32\x9b\x02\n\rMaskRendering\x12\x45\n\x06Render\x12\x1c.histosynth.v1.RenderRequest\x1a\x1d.histosynth.v1.RenderResponse\x12l\n\x13GenerateNucleiMasks\x12).histosynth.v1.GenerateNucleiMasksRequest\x1a*.histosynth.v1.GenerateNucleiMasksResponse\x12U\n\rDescribeModel\x12#.histosynth.v1.DescribeModelRequest\x1a\x1f.histosynth.v1.ModelDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"histosynth/v1/mask_rendering.proto\x12\rhistosynth.v1\x1a\x1ahistosynth/v1/common.proto\"\x87\x01\n\x10\x44iffusionOptions\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x34\n\tscheduler\x18\x02 \x01(\x0e\x32!.histosynth.v1.DiffusionScheduler\x12\x1b\n\x0eguidance_scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_guidance_scale\"\xf4\x02\n\rRenderRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x0b\x63lass_masks\x18\x03 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12,\n\rinstance_maps\x18\x04 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12+\n\x0cnoise_labels\x18\x05 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12.\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x1c.histosynth.v1.ImageEncoding\x12\x15\n\rnoise_spacing\x18\x08 \x01(\x02\x12\x32\n\tdiffusion\x18\t \x01(\x0b\x32\x1f.histosynth.v1.DiffusionOptions\x12\x17\n\x0fstain_variation\x18\n \x01(\x08\x12\x14\n\x0cstain_source\x18\x0b \x01(\t\"s\n\x0eRenderResponse\x12%\n\x06images\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x12\n\npng_images\x18\x02 \x03(\x0c\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.histosynth.v1.ModelRef\"\xc1\x01\n\x1aGenerateNucleiMasksRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05types\x18\x03 \x03(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x32\n\tdiffusion\x18\x06 \x01(\x0b\x32\x1f.histosynth.v1.DiffusionOptions\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\r\n\x05width\x18\x08 \x01(\r\"\xb3\x01\n\x1bGenerateNucleiMasksResponse\x12)\n\nclass_maps\x18\x01 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12,\n\rinstance_maps\x18\x02 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.histosynth.v1.ModelRef\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t*_\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12IMAGE_ENCODING_RAW\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*~\n\x12\x44iffusionScheduler\x12#\n\x1f\x44IFFUSION_SCHEDULER_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44IFFUSION_SCHEDULER_DDIM\x10\x01\x12%\n!DIFFUSION_SCHEDULER_DPM_SOLVER_PP\x10\x02\x32\x9b\x02\n\rMaskRendering\x12\x45\n\x06Render\x12\x1c.histosynth.v1.RenderRequest\x1a\x1d.histosynth.v1.RenderResponse\x12l\n\x13GenerateNucleiMasks\x12).histosynth.v1.GenerateNucleiMasksRequest\x1a*.histosynth.v1.GenerateNucleiMasksResponse\x12U\n\rDescribeModel\x12#.histosynth.v1.DescribeModelRequest\x1a\x1f.histosynth.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'histosynth.v1.mask_rendering_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEENCODING']._serialized_start=1042
-  _globals['_IMAGEENCODING']._serialized_end=1137
-  _globals['_DIFFUSIONSCHEDULER']._serialized_start=1139
-  _globals['_DIFFUSIONSCHEDULER']._serialized_end=1265
+  _globals['_IMAGEENCODING']._serialized_start=1089
+  _globals['_IMAGEENCODING']._serialized_end=1184
+  _globals['_DIFFUSIONSCHEDULER']._serialized_start=1186
+  _globals['_DIFFUSIONSCHEDULER']._serialized_end=1312
   _globals['_DIFFUSIONOPTIONS']._serialized_start=82
   _globals['_DIFFUSIONOPTIONS']._serialized_end=217
   _globals['_RENDERREQUEST']._serialized_start=220
-  _globals['_RENDERREQUEST']._serialized_end=545
-  _globals['_RENDERRESPONSE']._serialized_start=547
-  _globals['_RENDERRESPONSE']._serialized_end=662
-  _globals['_GENERATENUCLEIMASKSREQUEST']._serialized_start=665
-  _globals['_GENERATENUCLEIMASKSREQUEST']._serialized_end=858
-  _globals['_GENERATENUCLEIMASKSRESPONSE']._serialized_start=861
-  _globals['_GENERATENUCLEIMASKSRESPONSE']._serialized_end=1040
-  _globals['_MASKRENDERING']._serialized_start=1268
-  _globals['_MASKRENDERING']._serialized_end=1551
+  _globals['_RENDERREQUEST']._serialized_end=592
+  _globals['_RENDERRESPONSE']._serialized_start=594
+  _globals['_RENDERRESPONSE']._serialized_end=709
+  _globals['_GENERATENUCLEIMASKSREQUEST']._serialized_start=712
+  _globals['_GENERATENUCLEIMASKSREQUEST']._serialized_end=905
+  _globals['_GENERATENUCLEIMASKSRESPONSE']._serialized_start=908
+  _globals['_GENERATENUCLEIMASKSRESPONSE']._serialized_end=1087
+  _globals['_MASKRENDERING']._serialized_start=1315
+  _globals['_MASKRENDERING']._serialized_end=1598
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class DiffusionOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., scheduler: _Optional[_Union[DiffusionScheduler, str]] = ..., guidance_scale: _Optional[float] = ...) -> None: ...
 
 class RenderRequest(_message.Message):
-    __slots__ = ("model", "model_version", "class_masks", "instance_maps", "noise_labels", "seed", "encoding", "noise_spacing", "diffusion")
+    __slots__ = ("model", "model_version", "class_masks", "instance_maps", "noise_labels", "seed", "encoding", "noise_spacing", "diffusion", "stain_variation", "stain_source")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLASS_MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,8 @@ class RenderRequest(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     NOISE_SPACING_FIELD_NUMBER: _ClassVar[int]
     DIFFUSION_FIELD_NUMBER: _ClassVar[int]
+    STAIN_VARIATION_FIELD_NUMBER: _ClassVar[int]
+    STAIN_SOURCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     class_masks: _common_pb2.Tensor
@@ -56,7 +58,9 @@ class RenderRequest(_message.Message):
     encoding: ImageEncoding
     noise_spacing: float
     diffusion: DiffusionOptions
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., class_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., instance_maps: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., noise_labels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[ImageEncoding, str]] = ..., noise_spacing: _Optional[float] = ..., diffusion: _Optional[_Union[DiffusionOptions, _Mapping]] = ...) -> None: ...
+    stain_variation: bool
+    stain_source: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., class_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., instance_maps: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., noise_labels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[ImageEncoding, str]] = ..., noise_spacing: _Optional[float] = ..., diffusion: _Optional[_Union[DiffusionOptions, _Mapping]] = ..., stain_variation: _Optional[bool] = ..., stain_source: _Optional[str] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
     __slots__ = ("images", "png_images", "model")
