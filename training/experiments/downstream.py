@@ -30,6 +30,10 @@ precision check). A variant is labelled ``<version>-<variant>`` (renders ``monus
 runs ``monuseg-k16-seed0-B-v2-openvino-bf16``), so nothing cached for fp32 is touched, and its arms are also
 paired by seed with the same arms at fp32 (``vs_fp32`` in the summary): the check that a reduced precision
 leaves the downstream numbers unchanged (scripts/precision_quality.py records it in precision_checks.yaml).
+
+Stain variation (``--stain-variation``): the same masks and render seeds again, with Render's stain_variation drawing
+from the renderer's stain bank rows of the benchmark dataset itself (label ``<version>-stain``), paired with the plain
+renders' arms the same way.
 """
 
 from __future__ import annotations
@@ -77,6 +81,19 @@ DEFAULT_RUNS = Path.home() / ".cache" / "histosynth" / "runs" / "experiments" / 
 RENDER_BATCH = 8
 # --precision-variants: name -> (engine, precision) the Render service serves the renderer with.
 PRECISION_VARIANTS: dict[str, tuple[str, str]] = {"openvino-bf16": ("openvino", "bf16")}
+# --stain-variation: the same fp32 renders with Render's stain variation, drawn from the stain bank's rows of the
+# benchmark's own dataset (stain_source = the dataset). Labelled like a precision variant: "<version>-stain".
+STAIN_VARIANT = "stain"
+VARIANTS = (*PRECISION_VARIANTS, STAIN_VARIANT)
+
+
+def variant_runtime(variant: str | None) -> tuple[str, str]:
+    """(engine, precision) the Render service runs a variant on: fp32 ONNX Runtime unless a precision variant."""
+    return PRECISION_VARIANTS.get(variant or "", ("onnxruntime", "fp32"))
+
+
+def variant_description(variant: str) -> str:
+    return "stain variation" if variant == STAIN_VARIANT else " ".join(PRECISION_VARIANTS[variant])
 # The ceiling's label: its "renders" are the real crops the rendered masks were cut from (mask_source_images).
 REAL = "real"
 
@@ -89,9 +106,8 @@ def renderer_label(version: str, variant: str | None = None) -> str:
 def parse_label(label: str) -> tuple[str, str | None]:
     """``"2-openvino-bf16"`` -> ("2", "openvino-bf16"); ``"2"`` -> ("2", None); ``"real"`` -> ("real", None)."""
     version, _, variant = str(label).partition("-")
-    if variant and variant not in PRECISION_VARIANTS:
-        raise ValueError(f"renderer label {label!r}: unknown precision variant {variant!r}; "
-                         f"known: {', '.join(PRECISION_VARIANTS)}")
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"renderer label {label!r}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     return version, variant or None
 
 
@@ -120,7 +136,7 @@ class Settings:
     parallel: int = 1
     held_back: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(BENCHMARK_HELD_BACK))
     renderer_versions: tuple[str, ...] = ()  # empty = every version in the store
-    precision_variants: tuple[str, ...] = ()  # PRECISION_VARIANTS keys, rendered beside fp32 (see the docstring)
+    precision_variants: tuple[str, ...] = ()  # VARIANTS, rendered beside the plain fp32 renders (see the docstring)
     draw_k: Mapping[str, int] = field(default_factory=dict)  # k each seed's draw is made for (default: max of ks)
     real_ceiling: bool = True  # also train B and C on the masks' real images (label REAL)
 
@@ -132,11 +148,13 @@ QUICK = Settings(datasets=("monuseg",), ks={"monuseg": (2,)}, seeds=(0, 1), crop
 
 # ============================================================================================ data + rendering
 def _render(client: HistosynthClient, class_maps: np.ndarray, instances: np.ndarray, version: str,
-            seed: int) -> tuple[np.ndarray, dict[str, str]]:
+            seed: int, stain_source: str = "") -> tuple[np.ndarray, dict[str, str]]:
+    """``stain_source``: Render's stain variation from that source of the stain bank ("" = none)."""
     images, model = [], None
     for start in range(0, len(class_maps), RENDER_BATCH):
         out = client.render(class_maps[start:start + RENDER_BATCH], model=RENDERER, version=version,
-                            instance_maps=instances[start:start + RENDER_BATCH], seed=seed + start, timeout=900)
+                            instance_maps=instances[start:start + RENDER_BATCH], seed=seed + start, timeout=900,
+                            stain_variation=bool(stain_source), stain_source=stain_source)
         images.append(out.images)
         model = out.model
     assert model is not None
@@ -159,7 +177,7 @@ class RenderServices:
     def __call__(self, variant: str | None) -> tuple[BackgroundServers, HistosynthClient]:
         if variant not in self._open:
             # Explicit for fp32 too: a HISTOSYNTH_RUNTIME / _PRECISION in the environment must not change the baseline.
-            engine, precision = PRECISION_VARIANTS[variant] if variant else ("onnxruntime", "fp32")
+            engine, precision = variant_runtime(variant)
             config = replace(self._config, runtime=f"{RENDERER}={engine}", precision=f"{RENDERER}={precision}")
             servers = self._stack.enter_context(BackgroundServers(config, services=["rendering"],
                                                                   ports={"rendering": 0}))
@@ -202,9 +220,10 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                     continue
                 version, variant = parse_label(label)
                 manifest = model_store.get(RENDERER, version)
-                engine, precision = PRECISION_VARIANTS[variant] if variant else ("onnxruntime", "fp32")
+                engine, precision = variant_runtime(variant)
                 entry["renderers"][label] = {"sha256": manifest.sha256, "version": version, "runtime": engine,
                                              "precision": precision,
+                                             "stain_variation": dataset if variant == STAIN_VARIANT else None,
                                              "saw_held_back": data.renderer_saw(manifest, split.test_groups)}
             for seed in settings.seeds:
                 path = data_dir / f"{dataset}-seed{seed}.npz"
@@ -228,11 +247,13 @@ def prepare(settings: Settings, data_root: Path, store: Path, data_dir: Path,
                     if label == REAL or rendered.is_file():  # the ceiling reads the seed file's real crops
                         continue
                     version, variant = parse_label(label)
-                    servers, client = services(variant)
+                    stained = variant == STAIN_VARIANT
+                    servers, client = services(None if stained else variant)  # stain: the fp32 server
                     manifest = model_store.get(RENDERER, version)
                     class_maps = data.remap(arrays["mask_class_maps"], data.renderer_class_remap(manifest, dataset))
                     started = time.perf_counter()
-                    images, model = _render(client, class_maps, arrays["mask_instances"], version, seed * 10_000)
+                    images, model = _render(client, class_maps, arrays["mask_instances"], version, seed * 10_000,
+                                            dataset if stained else "")
                     model["served_by"] = served_runtimes(servers)
                     print(json.dumps({"rendered": dataset, "seed": seed, "version": label, "n": len(images),
                                       "served_by": model["served_by"],
@@ -567,7 +588,7 @@ def _title(label: str) -> str:
     if label == REAL:
         return "ceiling (real images of the rendered masks)"
     version, variant = parse_label(label)
-    return f"v{version}" + (f" ({' '.join(PRECISION_VARIANTS[variant])})" if variant else "")
+    return f"v{version}" + (f" ({variant_description(variant)})" if variant else "")
 
 
 def _pm(stats: Mapping[str, Any] | None) -> str:
@@ -679,12 +700,17 @@ def write_report(out: Path, command: str, settings: Settings, meta: Mapping[str,
             f"{unseen['tiles']} images B − A is Dice {_diff(unseen['B-A']['pixel_dice'])}, object F1 "
             f"{_diff(unseen['B-A']['object_f1'])}.\n")
         vs_fp32 = entry.get("vs_fp32")
+        base, variant = parse_label(version)
+        stained = variant == STAIN_VARIANT
         variant_lines = "" if not vs_fp32 else "\n" + (
-            f"Same masks and render seeds as {RENDERER} v{parse_label(version)[0]} at fp32 (ONNX Runtime), rendered "
-            f"on {' '.join(PRECISION_VARIANTS[parse_label(version)[1]])}; arm minus the same arm at fp32, paired by "
-            "seed:\n\n" + table(["paired difference", "pixel Dice", "object F1", "AJI"],
-                                [[f"{arm} {_title(version)} − {arm} fp32"] + [_diff(vs_fp32[arm][m]) for m in METRICS]
-                                 for arm in ("B", "C")]))
+            f"Same masks and render seeds as {RENDERER} v{base} at fp32 (ONNX Runtime), "
+            + (f"restained by Render's stain variation ({dataset} rows of the stain bank); arm minus the same arm "
+               "without it" if stained else
+               f"rendered on {variant_description(variant or '')}; arm minus the same arm at fp32")
+            + ", paired by seed:\n\n" + table(
+                ["paired difference", "pixel Dice", "object F1", "AJI"],
+                [[f"{arm} {_title(version)} − {arm} {'plain' if stained else 'fp32'}"]
+                 + [_diff(vs_fp32[arm][m]) for m in METRICS] for arm in ("B", "C")]))
         vs_real = entry.get("vs_real")
         if vs_real:
             variant_lines += "\n" + (
@@ -741,11 +767,16 @@ for B − A (a renderer could only beat it by drawing tissue easier to learn fro
 
 {table(["data", "k", "difference", "pixel Dice", "object F1", "AJI"], ceiling_rows)}"""
     total_minutes = sum(r["train_seconds"] for r in results) / 60
-    variant_protocol = "" if not settings.precision_variants else (
-        "\n  Precision variants (" + ", ".join(f"{name}: {' '.join(PRECISION_VARIANTS[name])}"
-                                              for name in settings.precision_variants)
+    precision_names = [name for name in settings.precision_variants if name in PRECISION_VARIANTS]
+    variant_protocol = "" if not precision_names else (
+        "\n  Precision variants (" + ", ".join(f"{name}: {variant_description(name)}" for name in precision_names)
         + "): the same masks and render seeds through the same Render service on that engine and precision; "
         "their arms are also compared with the fp32 arms, paired by seed.")
+    if STAIN_VARIANT in settings.precision_variants:
+        variant_protocol += ("\n  Stain variation (label <version>-stain): the same masks and render seeds, each "
+                             "render restained by Render's stain_variation to a row of the renderer's stain bank "
+                             "drawn from the benchmark dataset's own rows (stain_source = the dataset); its arms are "
+                             "also compared with the plain renders' arms, paired by seed.")
     markdown = f"""
 ## Acceptance (issue #17, MoNuSeg held-back patients)
 
@@ -847,6 +878,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--parallel", type=int)
     parser.add_argument("--no-distribution", action="store_true", help="skip FID/KID/PR and stain scores")
+    parser.add_argument("--stain-variation", action="store_true",
+                        help="also render the same masks with Render's stain variation (cached as <version>-stain) "
+                        "and pair their arms with the plain renders'")
     parser.add_argument("--precision-variants", nargs="*", default=[], choices=sorted(PRECISION_VARIANTS),
                         help="also render the same masks with each version on this engine/precision (cached as "
                         "<version>-<variant>) and pair their arms with fp32")
@@ -868,8 +902,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not all(ks.values()):
             parser.error(f"--ks {args.ks}: each dataset needs one of its k values {dict(settings.ks)}")
         settings = replace(settings, ks=ks, draw_k={d: max(settings.ks[d]) for d in settings.datasets})
-    if args.precision_variants:
-        settings = replace(settings, precision_variants=tuple(dict.fromkeys(args.precision_variants)))
+    variants = [*args.precision_variants, *([STAIN_VARIANT] if args.stain_variation else [])]
+    if variants:
+        settings = replace(settings, precision_variants=tuple(dict.fromkeys(variants)))
     for name in ("steps", "parallel"):
         if getattr(args, name) is not None:
             settings = replace(settings, **{name: getattr(args, name)})

@@ -140,7 +140,8 @@ def test_renderer_labels_name_precision_variants_and_reject_unknown_ones() -> No
     assert downstream.renderer_labels(("1", "2"), ("openvino-bf16",)) == ("1", "2", "1-openvino-bf16", "2-openvino-bf16")
     assert downstream.parse_label("2-openvino-bf16") == ("2", "openvino-bf16")
     assert downstream.parse_label("2") == ("2", None)
-    with pytest.raises(ValueError, match="unknown precision variant 'tpu-int4'"):
+    assert downstream.parse_label("3-stain") == ("3", "stain")
+    with pytest.raises(ValueError, match="unknown variant 'tpu-int4'"):
         downstream.parse_label("2-tpu-int4")
 
 
@@ -182,6 +183,25 @@ def test_quick_precision_variant_renders_the_same_masks_on_openvino_bf16_and_pai
     assert "renderer renderer-he-nuclei v2 (openvino bf16)" in readme and "B v2 (openvino bf16) − B fp32" in readme
     assert "Precision variants (openvino-bf16: openvino bf16)" in readme
     assert report["settings"]["draw_k"] == {"monuseg": 2}  # --ks keeps the full list's draw
+
+
+def test_quick_stain_variation_restains_the_same_renders_and_pairs_with_the_plain_ones(tmp_path: Path) -> None:
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    argv = ["--data-root", str(FIXTURE_DATA), "--out", str(out), "--runs-dir", str(runs), "--quick", "--versions", "3",
+            "--stain-variation", "--no-distribution", "--no-real-ceiling", "--ks", "2", "--datasets", "monuseg",
+            "--seeds", "0", "1"]
+    assert downstream.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())["results"]
+    assert report["split"]["monuseg"]["renderers"]["3-stain"]["stain_variation"] == "monuseg"
+    plain = np.load(runs / "data" / "monuseg-seed0-v3.npz")["images"]
+    stained = np.load(runs / "data" / "monuseg-seed0-v3-stain.npz")["images"]
+    assert plain.shape == stained.shape and not np.array_equal(plain, stained)
+    # Only the stain moved: the restaining is affine in optical density, so the two stay strongly correlated.
+    assert np.corrcoef(plain.mean(-1).ravel(), stained.mean(-1).ravel())[0, 1] > 0.6
+    vs = report["summary"]["monuseg/k2/v3-stain"]["vs_fp32"]
+    assert set(vs) == {"B", "C"} and vs["B"]["pixel_dice"]["n"] == 2
+    readme = (out / "README.md").read_text()
+    assert "B v3 (stain variation) − B plain" in readme and "Stain variation (label <version>-stain)" in readme
 
 
 def test_subset_flags_are_checked() -> None:
