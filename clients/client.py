@@ -249,7 +249,7 @@ class JobStatus:
 # ------------------------------------------------------------------------ spec I/O
 _SPEC_KEYS = {
     "count", "tissue", "height", "width", "strata", "tolerance", "seed", "noise_spacing", "refine",
-    "min_consistency", "sink_uri", "model_versions", "diffusion",
+    "min_consistency", "sink_uri", "model_versions", "diffusion", "stain_variation", "stain_source",
 }
 _STRATUM_KEYS = {
     "label", "weight", "class_fractions", "class_fraction_ranges", "positive_proportion", "nuclear_fraction",
@@ -314,6 +314,8 @@ def spec_from_dict(data: Mapping[str, Any], count: int | None = None) -> Generat
         sink_uri=str(data.get("sink_uri", "")),
         model_versions={str(k): str(v) for k, v in (data.get("model_versions") or {}).items()},
         diffusion=_diffusion_from(data.get("diffusion") or {}),
+        stain_variation=bool(data.get("stain_variation", False)),
+        stain_source=str(data.get("stain_source", "")),
     )
 
 
@@ -350,6 +352,8 @@ def request_from_spec(spec: GenerationSpec, indices: Sequence[int] | None = None
         refine=spec.refine,
         min_consistency=spec.min_consistency,
         sink_uri=spec.sink_uri,
+        stain_variation=spec.stain_variation,
+        stain_source=spec.stain_source,
     )
     for stratum in spec.strata:
         entry = message.strata.add(label=stratum.label, weight=stratum.weight)

@@ -61,6 +61,8 @@ class InProcessRenderer:
         *,
         seed: int = 0,
         diffusion: DiffusionOptions = DiffusionOptions(),
+        stain_variation: bool = False,
+        stain_source: str = "",
     ) -> np.ndarray:
         result = await self.pipeline.render(
             class_maps,
@@ -71,6 +73,8 @@ class InProcessRenderer:
             seed=seed,
             deadline=deadline,
             diffusion=diffusion,
+            stain_variation=stain_variation,
+            stain_source=stain_source,
         )
         return result.images
 

@@ -88,11 +88,14 @@ class Renderer(Protocol):
         *,
         seed: int = 0,
         diffusion: DiffusionOptions = DiffusionOptions(),
+        stain_variation: bool = False,
+        stain_source: str = "",
     ) -> np.ndarray:
         """uint8 [N, H, W] class maps (+ uint16 instances, + uint8 noise) -> uint8 [N, H, W, 3] RGB.
 
         ``seed`` seeds a diffusion renderer's initial noise (sample i: seed + i); GAN renderers get
         their randomness from ``noise_labels`` and ignore it, as they ignore ``diffusion``.
+        ``stain_variation`` / ``stain_source``: Render's stain variation (RenderRequest).
         """
         ...
 
@@ -460,6 +463,8 @@ class GenerationPipeline:
             deadline,
             seed=derive_seed(seed, "render"),
             diffusion=spec.diffusion,
+            stain_variation=spec.stain_variation,
+            stain_source=spec.stain_source,
         )
         # Scores hold no timings: same spec + seed + models must give byte-identical records.
         scores = layout_scores(layout, targets, info.class_names)

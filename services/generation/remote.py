@@ -179,6 +179,8 @@ class RemoteRenderer:
         *,
         seed: int = 0,
         diffusion: DiffusionOptions = DiffusionOptions(),
+        stain_variation: bool = False,
+        stain_source: str = "",
     ) -> np.ndarray:
         request = mask_rendering_pb2.RenderRequest(
             model=self.info.ref.name,
@@ -187,6 +189,8 @@ class RemoteRenderer:
             seed=seed,
             encoding=mask_rendering_pb2.IMAGE_ENCODING_RAW,
             diffusion=diffusion_options_to_proto(diffusion),
+            stain_variation=stain_variation,
+            stain_source=stain_source,
         )
         if instances is not None:
             request.instance_maps.CopyFrom(array_to_tensor(instances))

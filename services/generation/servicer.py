@@ -91,6 +91,8 @@ def spec_from_request(request: generation_pb2.GenerateRequest) -> GenerationSpec
         # Same wire rules as Render's diffusion options.
         diffusion=diffusion_options(message.diffusion)
         if message.HasField("diffusion") else DiffusionOptions(),
+        stain_variation=bool(message.stain_variation),
+        stain_source=message.stain_source,
     )
 
 

@@ -96,6 +96,9 @@ class GenerationSpec:
     model_versions: Mapping[str, str] = field(default_factory=dict)
     # Sampling of the tissue's diffusion models; None fields = the model's manifest default.
     diffusion: DiffusionOptions = DiffusionOptions()
+    # Render's stain variation (a real training crop's H&E levels per image) and the bank source it draws from.
+    stain_variation: bool = False
+    stain_source: str = ""
 
     def parameters(self) -> dict[str, Any]:
         """JSON-ready parameters echoed into every sample's provenance (masks by digest).
@@ -127,6 +130,9 @@ class GenerationSpec:
         if self.tissue not in MASK_GENERATOR_FOR_TISSUE:
             # Older records stay byte-identical: only diffusion tissues carry sampling options.
             params.pop("diffusion")
+        if not self.stain_variation:  # likewise: only stain-varied jobs carry the stain fields
+            params.pop("stain_variation")
+            params.pop("stain_source")
         if self.coarse_masks is not None:
             digest = hashlib.sha256(np.ascontiguousarray(self.coarse_masks).tobytes())
             params["coarse_masks_sha256"] = digest.hexdigest()
@@ -173,6 +179,9 @@ def validate_spec(
         raise InvalidInputError(
             f"spec.noise_spacing: {spec.noise_spacing} must be 0 (the renderer's trained spacing) or in [2, 256] px"
         )
+    if spec.stain_source and not spec.stain_variation:
+        raise InvalidInputError(f"spec.stain_source {spec.stain_source!r} is set but spec.stain_variation is not; "
+                                "set both, or neither")
     if not (math.isfinite(spec.min_consistency) and 0.0 <= spec.min_consistency <= 1.0):
         raise InvalidInputError(f"spec.min_consistency: {spec.min_consistency} must be in [0, 1] (0 disables the gate)")
     if not 0 <= spec.seed < 2**64:
@@ -293,10 +302,10 @@ def _validate_diffusion(spec: GenerationSpec) -> None:
         math.isfinite(sampling.guidance_scale) and 0.0 <= sampling.guidance_scale <= 30.0
     ):
         raise InvalidInputError(f"spec.diffusion.guidance_scale: {sampling.guidance_scale} must be in [0, 30]")
-    if spec.noise_spacing or spec.refine:
+    if spec.noise_spacing or spec.refine or spec.stain_variation:
         raise InvalidInputError(
-            f"tissue {spec.tissue!r} is rendered by a diffusion model: noise_spacing and refine do not apply; "
-            "leave them unset"
+            f"tissue {spec.tissue!r} is rendered by a diffusion model: noise_spacing, refine and stain_variation "
+            "do not apply; leave them unset"
         )
 
 

@@ -110,6 +110,16 @@ def test_spec_file_and_save(client: HistosynthClient, tmp_path: Path) -> None:
         list(client.generate(tmp_path / "missing.yaml"))
 
 
+def test_stain_variation_from_a_spec_dict_reaches_every_sample(client: HistosynthClient) -> None:
+    spec = {"tissue": "nuclei", "count": 2, "height": 64, "width": 64, "seed": 4}
+    plain = list(client.generate(spec))
+    stained = list(client.generate(dict(spec, stain_variation=True, stain_source="pale")))
+    assert [s.image_png for s in plain] != [s.image_png for s in stained]
+    assert all(s.provenance["parameters"]["stain_source"] == "pale" for s in stained)
+    with pytest.raises(InvalidArgumentError, match="stain_source 'pale' is set but spec.stain_variation is not"):
+        list(client.generate(dict(spec, stain_source="pale")))
+
+
 def test_typed_errors_keep_status_and_details(client: HistosynthClient) -> None:
     with pytest.raises(NotFoundError) as caught:
         client.render(np.zeros((1, 8, 8), np.uint8), model="renderer-nope")

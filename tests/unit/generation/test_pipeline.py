@@ -167,3 +167,30 @@ async def test_job_registry_is_bounded(stack: GenerationStack, tmp_path: Path) -
     for record in running:
         assert (await registry.cancel(record.job_id)).state is JobState.CANCELLED
     await registry.close()
+
+
+async def test_stain_variation_restains_nuclei_samples_and_is_recorded(stack: GenerationStack) -> None:
+    plain_spec = GenerationSpec(count=2, tissue="nuclei", height=64, width=64, seed=4)
+    stained_spec = dataclasses.replace(plain_spec, stain_variation=True, stain_source="dark")
+    plain, stained = await collect(stack.pipeline, plain_spec), await collect(stack.pipeline, stained_spec)
+    again = await collect(stack.pipeline, stained_spec)
+    assert [fingerprint(s) for s in stained] == [fingerprint(s) for s in again]
+    for before, after in zip(plain, stained):
+        np.testing.assert_array_equal(before.class_map, after.class_map)  # same layout, only the stain moved
+        assert not np.array_equal(before.image, after.image)
+        parameters = json.loads(after.provenance.parameters_json)
+        assert (parameters["stain_variation"], parameters["stain_source"]) == (True, "dark")
+        assert "stain_variation" not in json.loads(before.provenance.parameters_json)  # old records unchanged
+    with pytest.raises(InvalidInputError, match="stain_source 'dark' is set but spec.stain_variation is not"):
+        await stack.pipeline.prepare(dataclasses.replace(plain_spec, stain_source="dark"))
+    glands = [s async for s in _run_allowing_errors(stack, dataclasses.replace(GLANDS, count=1, stain_variation=True))]
+    assert glands == ["stain_variation: renderer-he-glands/1 has no stain bank"]
+
+
+async def _run_allowing_errors(stack: GenerationStack, spec: GenerationSpec) -> AsyncIterator[str]:
+    job = await stack.pipeline.prepare(spec)
+    try:
+        async for _ in stack.pipeline.run(job):
+            yield "sample"
+    except InvalidInputError as error:
+        yield str(error).split(" in its manifest")[0]

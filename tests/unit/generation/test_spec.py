@@ -148,7 +148,8 @@ _DIFFUSION_SPEC = GenerationSpec(count=2, tissue="nuclei-diffusion", height=64, 
         (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionOptions(steps=2000)), "1..1000"),
         (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionOptions(scheduler="euler")), "unknown"),
         (dataclasses.replace(_DIFFUSION_SPEC, diffusion=DiffusionOptions(guidance_scale=-1.0)), r"\[0, 30\]"),
-        (dataclasses.replace(_DIFFUSION_SPEC, noise_spacing=15.0), "noise_spacing and refine do not apply"),
+        (dataclasses.replace(_DIFFUSION_SPEC, noise_spacing=15.0), "noise_spacing, refine and stain_variation do not"),
+        (dataclasses.replace(_DIFFUSION_SPEC, stain_variation=True), "noise_spacing, refine and stain_variation do not"),
     ],
 )
 def test_diffusion_tissue_specs_are_checked(spec: GenerationSpec, message: str) -> None:

@@ -26,7 +26,7 @@ from services._generated.histosynth.v1 import common_pb2 as histosynth_dot_v1_do
 from services._generated.histosynth.v1 import mask_rendering_pb2 as histosynth_dot_v1_dot_mask__rendering__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehistosynth/v1/generation.proto\x12\rhistosynth.v1\x1a\x1ahistosynth/v1/common.proto\x1a\"histosynth/v1/mask_rendering.proto\")\n\rFractionRange\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\"\xd7\x03\n\x07Stratum\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x43\n\x0f\x63lass_fractions\x18\x03 \x03(\x0b\x32*.histosynth.v1.Stratum.ClassFractionsEntry\x12N\n\x15\x63lass_fraction_ranges\x18\x04 \x03(\x0b\x32/.histosynth.v1.Stratum.ClassFractionRangesEntry\x12\x39\n\x13positive_proportion\x18\x05 \x01(\x0b\x32\x1c.histosynth.v1.FractionRange\x12\x36\n\x10nuclear_fraction\x18\x06 \x01(\x0b\x32\x1c.histosynth.v1.FractionRange\x12\x14\n\x0cnuclei_types\x18\x07 \x03(\t\x1a\x35\n\x13\x43lassFractionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aX\n\x18\x43lassFractionRangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.histosynth.v1.FractionRange:\x02\x38\x01\"\xca\x02\n\x0eGenerationSpec\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0e\n\x06tissue\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12&\n\x06strata\x18\x05 \x03(\x0b\x32\x16.histosynth.v1.Stratum\x12\x11\n\ttolerance\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x15\n\rnoise_spacing\x18\x08 \x01(\x02\x12\x0e\n\x06refine\x18\t \x01(\x08\x12\x17\n\x0fmin_consistency\x18\n \x01(\x01\x12+\n\x0c\x63oarse_masks\x18\x0b \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x10\n\x08sink_uri\x18\x0c \x01(\t\x12\x32\n\tdiffusion\x18\r \x01(\x0b\x32\x1f.histosynth.v1.DiffusionOptions\"\xd0\x01\n\x0fGenerateRequest\x12+\n\x04spec\x18\x01 \x01(\x0b\x32\x1d.histosynth.v1.GenerationSpec\x12I\n\x0emodel_versions\x18\x02 \x03(\x0b\x32\x31.histosynth.v1.GenerateRequest.ModelVersionsEntry\x12\x0f\n\x07indices\x18\x03 \x03(\r\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x02\n\x06Sample\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x07stratum\x18\x03 \x01(\t\x12\x11\n\timage_png\x18\x04 \x01(\x0c\x12#\n\x04mask\x18\x05 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12(\n\tinstances\x18\x06 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x31\n\x06scores\x18\x07 \x03(\x0b\x32!.histosynth.v1.Sample.ScoresEntry\x12-\n\nprovenance\x18\x08 \x01(\x0b\x32\x19.histosynth.v1.Provenance\x12\x13\n\x0b\x63lass_names\x18\t \x03(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x92\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.histosynth.v1.JobState\x12\x11\n\tcompleted\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\r\x12\x10\n\x08rejected\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x10\n\x08sink_uri\x18\x07 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x90\x02\n\nGeneration\x12\x43\n\x08Generate\x12\x1e.histosynth.v1.GenerateRequest\x1a\x15.histosynth.v1.Sample0\x01\x12?\n\tSubmitJob\x12\x1e.histosynth.v1.GenerateRequest\x1a\x12.histosynth.v1.Job\x12:\n\x06GetJob\x12\x1c.histosynth.v1.GetJobRequest\x1a\x12.histosynth.v1.Job\x12@\n\tCancelJob\x12\x1f.histosynth.v1.CancelJobRequest\x1a\x12.histosynth.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehistosynth/v1/generation.proto\x12\rhistosynth.v1\x1a\x1ahistosynth/v1/common.proto\x1a\"histosynth/v1/mask_rendering.proto\")\n\rFractionRange\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\"\xd7\x03\n\x07Stratum\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x43\n\x0f\x63lass_fractions\x18\x03 \x03(\x0b\x32*.histosynth.v1.Stratum.ClassFractionsEntry\x12N\n\x15\x63lass_fraction_ranges\x18\x04 \x03(\x0b\x32/.histosynth.v1.Stratum.ClassFractionRangesEntry\x12\x39\n\x13positive_proportion\x18\x05 \x01(\x0b\x32\x1c.histosynth.v1.FractionRange\x12\x36\n\x10nuclear_fraction\x18\x06 \x01(\x0b\x32\x1c.histosynth.v1.FractionRange\x12\x14\n\x0cnuclei_types\x18\x07 \x03(\t\x1a\x35\n\x13\x43lassFractionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aX\n\x18\x43lassFractionRangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.histosynth.v1.FractionRange:\x02\x38\x01\"\xf9\x02\n\x0eGenerationSpec\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0e\n\x06tissue\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12&\n\x06strata\x18\x05 \x03(\x0b\x32\x16.histosynth.v1.Stratum\x12\x11\n\ttolerance\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x15\n\rnoise_spacing\x18\x08 \x01(\x02\x12\x0e\n\x06refine\x18\t \x01(\x08\x12\x17\n\x0fmin_consistency\x18\n \x01(\x01\x12+\n\x0c\x63oarse_masks\x18\x0b \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x10\n\x08sink_uri\x18\x0c \x01(\t\x12\x32\n\tdiffusion\x18\r \x01(\x0b\x32\x1f.histosynth.v1.DiffusionOptions\x12\x17\n\x0fstain_variation\x18\x0e \x01(\x08\x12\x14\n\x0cstain_source\x18\x0f \x01(\t\"\xd0\x01\n\x0fGenerateRequest\x12+\n\x04spec\x18\x01 \x01(\x0b\x32\x1d.histosynth.v1.GenerationSpec\x12I\n\x0emodel_versions\x18\x02 \x03(\x0b\x32\x31.histosynth.v1.GenerateRequest.ModelVersionsEntry\x12\x0f\n\x07indices\x18\x03 \x03(\r\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x02\n\x06Sample\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x07stratum\x18\x03 \x01(\t\x12\x11\n\timage_png\x18\x04 \x01(\x0c\x12#\n\x04mask\x18\x05 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12(\n\tinstances\x18\x06 \x01(\x0b\x32\x15.histosynth.v1.Tensor\x12\x31\n\x06scores\x18\x07 \x03(\x0b\x32!.histosynth.v1.Sample.ScoresEntry\x12-\n\nprovenance\x18\x08 \x01(\x0b\x32\x19.histosynth.v1.Provenance\x12\x13\n\x0b\x63lass_names\x18\t \x03(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x92\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.histosynth.v1.JobState\x12\x11\n\tcompleted\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\r\x12\x10\n\x08rejected\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x10\n\x08sink_uri\x18\x07 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x90\x02\n\nGeneration\x12\x43\n\x08Generate\x12\x1e.histosynth.v1.GenerateRequest\x1a\x15.histosynth.v1.Sample0\x01\x12?\n\tSubmitJob\x12\x1e.histosynth.v1.GenerateRequest\x1a\x12.histosynth.v1.Job\x12:\n\x06GetJob\x12\x1c.histosynth.v1.GetJobRequest\x1a\x12.histosynth.v1.Job\x12@\n\tCancelJob\x12\x1f.histosynth.v1.CancelJobRequest\x1a\x12.histosynth.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,8 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_MODELVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLE_SCORESENTRY']._loaded_options = None
   _globals['_SAMPLE_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1716
-  _globals['_JOBSTATE']._serialized_end=1870
+  _globals['_JOBSTATE']._serialized_start=1763
+  _globals['_JOBSTATE']._serialized_end=1917
   _globals['_FRACTIONRANGE']._serialized_start=113
   _globals['_FRACTIONRANGE']._serialized_end=154
   _globals['_STRATUM']._serialized_start=157
@@ -52,21 +52,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STRATUM_CLASSFRACTIONRANGESENTRY']._serialized_start=540
   _globals['_STRATUM_CLASSFRACTIONRANGESENTRY']._serialized_end=628
   _globals['_GENERATIONSPEC']._serialized_start=631
-  _globals['_GENERATIONSPEC']._serialized_end=961
-  _globals['_GENERATEREQUEST']._serialized_start=964
-  _globals['_GENERATEREQUEST']._serialized_end=1172
-  _globals['_GENERATEREQUEST_MODELVERSIONSENTRY']._serialized_start=1120
-  _globals['_GENERATEREQUEST_MODELVERSIONSENTRY']._serialized_end=1172
-  _globals['_SAMPLE']._serialized_start=1175
-  _globals['_SAMPLE']._serialized_end=1495
-  _globals['_SAMPLE_SCORESENTRY']._serialized_start=1450
-  _globals['_SAMPLE_SCORESENTRY']._serialized_end=1495
-  _globals['_JOB']._serialized_start=1498
-  _globals['_JOB']._serialized_end=1644
-  _globals['_GETJOBREQUEST']._serialized_start=1646
-  _globals['_GETJOBREQUEST']._serialized_end=1677
-  _globals['_CANCELJOBREQUEST']._serialized_start=1679
-  _globals['_CANCELJOBREQUEST']._serialized_end=1713
-  _globals['_GENERATION']._serialized_start=1873
-  _globals['_GENERATION']._serialized_end=2145
+  _globals['_GENERATIONSPEC']._serialized_end=1008
+  _globals['_GENERATEREQUEST']._serialized_start=1011
+  _globals['_GENERATEREQUEST']._serialized_end=1219
+  _globals['_GENERATEREQUEST_MODELVERSIONSENTRY']._serialized_start=1167
+  _globals['_GENERATEREQUEST_MODELVERSIONSENTRY']._serialized_end=1219
+  _globals['_SAMPLE']._serialized_start=1222
+  _globals['_SAMPLE']._serialized_end=1542
+  _globals['_SAMPLE_SCORESENTRY']._serialized_start=1497
+  _globals['_SAMPLE_SCORESENTRY']._serialized_end=1542
+  _globals['_JOB']._serialized_start=1545
+  _globals['_JOB']._serialized_end=1691
+  _globals['_GETJOBREQUEST']._serialized_start=1693
+  _globals['_GETJOBREQUEST']._serialized_end=1724
+  _globals['_CANCELJOBREQUEST']._serialized_start=1726
+  _globals['_CANCELJOBREQUEST']._serialized_end=1760
+  _globals['_GENERATION']._serialized_start=1920
+  _globals['_GENERATION']._serialized_end=2192
 # @@protoc_insertion_point(module_scope)

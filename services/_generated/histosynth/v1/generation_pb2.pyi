@@ -65,7 +65,7 @@ class Stratum(_message.Message):
     def __init__(self, label: _Optional[str] = ..., weight: _Optional[float] = ..., class_fractions: _Optional[_Mapping[str, float]] = ..., class_fraction_ranges: _Optional[_Mapping[str, FractionRange]] = ..., positive_proportion: _Optional[_Union[FractionRange, _Mapping]] = ..., nuclear_fraction: _Optional[_Union[FractionRange, _Mapping]] = ..., nuclei_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerationSpec(_message.Message):
-    __slots__ = ("count", "tissue", "height", "width", "strata", "tolerance", "seed", "noise_spacing", "refine", "min_consistency", "coarse_masks", "sink_uri", "diffusion")
+    __slots__ = ("count", "tissue", "height", "width", "strata", "tolerance", "seed", "noise_spacing", "refine", "min_consistency", "coarse_masks", "sink_uri", "diffusion", "stain_variation", "stain_source")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TISSUE_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class GenerationSpec(_message.Message):
     COARSE_MASKS_FIELD_NUMBER: _ClassVar[int]
     SINK_URI_FIELD_NUMBER: _ClassVar[int]
     DIFFUSION_FIELD_NUMBER: _ClassVar[int]
+    STAIN_VARIATION_FIELD_NUMBER: _ClassVar[int]
+    STAIN_SOURCE_FIELD_NUMBER: _ClassVar[int]
     count: int
     tissue: str
     height: int
@@ -92,7 +94,9 @@ class GenerationSpec(_message.Message):
     coarse_masks: _common_pb2.Tensor
     sink_uri: str
     diffusion: _mask_rendering_pb2.DiffusionOptions
-    def __init__(self, count: _Optional[int] = ..., tissue: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., strata: _Optional[_Iterable[_Union[Stratum, _Mapping]]] = ..., tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., noise_spacing: _Optional[float] = ..., refine: _Optional[bool] = ..., min_consistency: _Optional[float] = ..., coarse_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sink_uri: _Optional[str] = ..., diffusion: _Optional[_Union[_mask_rendering_pb2.DiffusionOptions, _Mapping]] = ...) -> None: ...
+    stain_variation: bool
+    stain_source: str
+    def __init__(self, count: _Optional[int] = ..., tissue: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., strata: _Optional[_Iterable[_Union[Stratum, _Mapping]]] = ..., tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., noise_spacing: _Optional[float] = ..., refine: _Optional[bool] = ..., min_consistency: _Optional[float] = ..., coarse_masks: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sink_uri: _Optional[str] = ..., diffusion: _Optional[_Union[_mask_rendering_pb2.DiffusionOptions, _Mapping]] = ..., stain_variation: _Optional[bool] = ..., stain_source: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("spec", "model_versions", "indices")
