@@ -76,6 +76,7 @@ def description_to_proto(
             message.noise_spacing = float(info.noise_spacing)
         message.uses_instance_edges = info.uses_instance_edges
         message.stain = info.stain
+        message.stain_sources.extend(info.stain_sources)
     elif isinstance(info, MaskGeneratorInfo):
         message.class_names.extend(info.class_names)
         message.type_names.extend(info.type_names)

@@ -24,6 +24,7 @@ class RendererInfo:
     uses_instance_edges: bool
     stain: str = "he"
     diffusion: bool = False  # a diffusion renderer (seeded Gaussian noise, DiffusionOptions apply)
+    stain_sources: tuple[str, ...] = ()  # sources of its stain bank (Render's stain_variation); () = no bank
 
 
 @dataclass(frozen=True)

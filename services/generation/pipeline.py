@@ -244,6 +244,18 @@ def layout_scores(layout: Layout, targets: LayoutTargets | None, class_names: Se
 
 
 # -------------------------------------------------------------------------- pipeline
+def _check_stain_variation(spec: GenerationSpec, info: RendererInfo) -> None:
+    """Refuse stain variation before any sample when the renderer has no stain bank or not the named source."""
+    if not spec.stain_variation:
+        return
+    if not info.stain_sources:
+        raise InvalidInputError(f"spec.stain_variation: the {spec.tissue!r} renderer {info.ref.name}/"
+                                f"{info.ref.version} has no stain bank; leave stain_variation unset")
+    if spec.stain_source and spec.stain_source not in info.stain_sources:
+        raise InvalidInputError(f"spec.stain_source: {spec.stain_source!r} is not in {info.ref.name}/"
+                                f"{info.ref.version}'s stain bank; it has {', '.join(info.stain_sources)} (empty = all)")
+
+
 def _check_mask_generator(spec: GenerationSpec, generator: MaskGeneratorInfo, renderer: RendererInfo) -> None:
     """The generated class ids must mean what the renderer reads; requested types must exist."""
     if generator.class_names != renderer.class_names:
@@ -352,6 +364,7 @@ class GenerationPipeline:
         renderer = await self._models.renderer(renderer_name, spec.model_versions.get(renderer_name))
         class_names = renderer.info.class_names
         validate_spec(spec, class_names, self._limits)
+        _check_stain_variation(spec, renderer.info)
         if spec.sink_uri:
             sink_path(spec.sink_uri)  # refuses unsupported URIs before any work starts
         if spec.min_consistency > 0:

@@ -270,6 +270,7 @@ class RemoteModels:
             uses_instance_edges=message.uses_instance_edges,
             stain=message.stain or "he",
             diffusion=message.kind == "denoiser",
+            stain_sources=tuple(message.stain_sources),
         )
         return RemoteRenderer(self.rendering, info)
 

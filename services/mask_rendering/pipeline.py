@@ -205,6 +205,7 @@ class RenderingPipeline:
             ref=served.ref,
             class_names=spec.class_names or tuple(f"class_{i}" for i in range(spec.num_classes)),
             noise_spacing=spec.noise_spacing, uses_instance_edges=spec.use_instance_edges, stain=stain,
+            stain_sources=spec.stain_bank.sources if spec.stain_bank is not None else (),
         )
 
     async def describe_mask_generator(self, model: str, version: str | None = None) -> MaskGeneratorInfo:

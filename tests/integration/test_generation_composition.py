@@ -29,6 +29,8 @@ GLANDS_REFINED = {
     "strata": [{"label": "mid", "class_fraction_ranges": {"gland": [0.2, 0.4]}}],
 }
 NUCLEI = {"tissue": "nuclei", "count": 3, "height": 64, "width": 64, "seed": 5}
+# Stain variation needs the renderer's stain sources from DescribeModel and Render's stain fields over the wire.
+NUCLEI_STAINED = dict(NUCLEI, stain_variation=True, stain_source="pale")
 IHC = {"tissue": "ihc", "count": 3, "height": 64, "width": 64, "seed": 2,
        "strata": [{"label": "low", "positive_proportion": [0.0, 0.005]}, {"label": "high", "positive_proportion": [0.6, 0.9]}]}
 GATED = {"tissue": "glands", "count": 2, "height": 64, "width": 64, "seed": 4, "min_consistency": 1e-9}
@@ -90,7 +92,8 @@ def test_remote_generation_server_hosts_no_model(remote_servers: BackgroundServe
     assert running.stack.hosts == () and running.stack.peers is not None
 
 
-@pytest.mark.parametrize("spec", [GLANDS_REFINED, NUCLEI, IHC, GATED], ids=["glands-refined", "nuclei", "ihc", "gated"])
+@pytest.mark.parametrize("spec", [GLANDS_REFINED, NUCLEI, NUCLEI_STAINED, IHC, GATED],
+                         ids=["glands-refined", "nuclei", "nuclei-stained", "ihc", "gated"])
 def test_remote_samples_are_byte_identical_to_embedded(
     embedded: HistosynthClient, remote: HistosynthClient, spec: dict
 ) -> None:

@@ -69,7 +69,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("model", "kind", "role", "class_names", "noise_spacing", "uses_instance_edges", "stain", "type_names", "guided")
+    __slots__ = ("model", "kind", "role", "class_names", "noise_spacing", "uses_instance_edges", "stain", "type_names", "guided", "stain_sources")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ModelDescription(_message.Message):
     STAIN_FIELD_NUMBER: _ClassVar[int]
     TYPE_NAMES_FIELD_NUMBER: _ClassVar[int]
     GUIDED_FIELD_NUMBER: _ClassVar[int]
+    STAIN_SOURCES_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     kind: str
     role: str
@@ -88,4 +89,5 @@ class ModelDescription(_message.Message):
     stain: str
     type_names: _containers.RepeatedScalarFieldContainer[str]
     guided: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., noise_spacing: _Optional[float] = ..., uses_instance_edges: _Optional[bool] = ..., stain: _Optional[str] = ..., type_names: _Optional[_Iterable[str]] = ..., guided: _Optional[bool] = ...) -> None: ...
+    stain_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., noise_spacing: _Optional[float] = ..., uses_instance_edges: _Optional[bool] = ..., stain: _Optional[str] = ..., type_names: _Optional[_Iterable[str]] = ..., guided: _Optional[bool] = ..., stain_sources: _Optional[_Iterable[str]] = ...) -> None: ...
