@@ -36,6 +36,15 @@ def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
     return np.round(rgb * 255.0).astype(np.uint8)
 
 
+# Fields taller than this are converted in bands of rows: the float64 densities of a 4096 x 4096 field alone take
+# 400 MB, several times over in temporaries, beside the render itself.
+BAND_ROWS = 1024
+
+
+def _bands(height: int) -> list[slice]:
+    return [slice(top, min(top + BAND_ROWS, height)) for top in range(0, height, BAND_ROWS)]
+
+
 def stain_levels(hed: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     """Mean H and E outside / inside ``nuclei`` (bool [H, W]): [H out, H in, E out, E in].
 
@@ -50,23 +59,42 @@ def stain_levels(hed: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     return np.array(levels)
 
 
+def _field_levels(rgb: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
+    """stain_levels of a whole field, computed band by band for tall fields (means from per-band sums)."""
+    if rgb.shape[0] <= BAND_ROWS:
+        return stain_levels(rgb_to_hed(rgb), nuclei)
+    sums, counts = np.zeros((2, 2)), np.zeros(2)  # [channel, outside/inside], [outside/inside]
+    for band in _bands(rgb.shape[0]):
+        hed, inside = rgb_to_hed(rgb[band]), nuclei[band]
+        for side, mask in enumerate((~inside, inside)):
+            counts[side] += mask.sum()
+            sums[:, side] += [hed[..., channel][mask].sum() for channel in (0, 1)]
+    levels = []
+    for channel in (0, 1):
+        mean_out = sums[channel, 0] / counts[0] if counts[0] else sums[channel, 1] / counts[1]
+        mean_in = sums[channel, 1] / counts[1] if counts[1] else mean_out
+        levels += [float(mean_out), float(mean_in)]
+    return np.array(levels)
+
+
 def restain(rgb: np.ndarray, nuclei: np.ndarray, target: np.ndarray) -> np.ndarray:
     """``rgb`` (uint8 [H, W, 3]) with its H and E levels moved to ``target`` ([H out, H in, E out, E in]).
 
     Hematoxylin: background level and nucleus-minus-background contrast both match the target (contrast scaled
     by at most MAX_CONTRAST_SCALE either way). Eosin: level only (its nucleus/background difference is small and
     noisy). Pixels keep their texture: the map is affine per channel."""
-    hed = rgb_to_hed(rgb)
-    current = stain_levels(hed, nuclei)
-    for channel, (out_i, in_i) in enumerate(((0, 1), (2, 3))):
-        scale = 1.0
-        if channel == 0:
-            span = current[in_i] - current[out_i]
-            if abs(span) > 1e-4:
-                wanted = (target[in_i] - target[out_i]) / span
-                scale = float(np.clip(wanted, 1.0 / MAX_CONTRAST_SCALE, MAX_CONTRAST_SCALE))
-        hed[..., channel] = scale * (hed[..., channel] - current[out_i]) + target[out_i]
-    return hed_to_rgb(hed)
+    current = _field_levels(rgb, nuclei)
+    scales = [1.0, 1.0]
+    span = current[1] - current[0]
+    if abs(span) > 1e-4:
+        scales[0] = float(np.clip((target[1] - target[0]) / span, 1.0 / MAX_CONTRAST_SCALE, MAX_CONTRAST_SCALE))
+    out = np.empty_like(rgb, dtype=np.uint8)
+    for band in _bands(rgb.shape[0]):
+        hed = rgb_to_hed(rgb[band])
+        for channel, out_i in ((0, 0), (1, 2)):
+            hed[..., channel] = scales[channel] * (hed[..., channel] - current[out_i]) + target[out_i]
+        out[band] = hed_to_rgb(hed)
+    return out
 
 
 @dataclass(frozen=True)

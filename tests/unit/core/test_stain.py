@@ -65,3 +65,14 @@ def test_bank_draws_by_seed_and_source_and_rejects_bad_tables() -> None:
                 {"rows": {"a": [[0.1, float("nan"), 0.1, 0.1]]}}, {"rows": [[0.1, 0.1, 0.1, 0.1]]}, {}):
         with pytest.raises(ValueError, match="m/1.*stain_bank"):
             StainBank.from_metadata("m/1", bad)
+
+
+def test_tall_fields_are_restained_in_bands_like_small_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.core import stain
+
+    image, nuclei = tissue(3)
+    target = np.array([0.03, 0.09, 0.02, 0.025])
+    whole = restain(image, nuclei, target)
+    monkeypatch.setattr(stain, "BAND_ROWS", 24)  # 64 rows -> bands of 24, 24, 16
+    banded = restain(image, nuclei, target)
+    assert np.abs(banded.astype(int) - whole).max() <= 1  # only summation order differs
