@@ -31,6 +31,7 @@ from typing import Final
 
 from services.core.config import DERIVED_HTTP_PORT, ServerConfig
 from services.core.grpc_server import RunningServer, start_server
+from services.core.logging import install_grpc_shutdown_race_filter
 from services.core.model_store import ModelStore
 from services.diffusion.pipeline import DiffusionSettings, shared_pipeline
 from services.generation import servicer as generation_servicer
@@ -220,6 +221,7 @@ class BackgroundServers:
         self._services = services
         self._ports = ports
         self._generation = generation
+        install_grpc_shutdown_race_filter()  # the CLI may not configure logging; see the filter's docstring
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="histosynth-servers", daemon=True)
         self._running: AllInOne | None = None

@@ -9,6 +9,7 @@ e.g. ``model`` or ``peer`` without parsing messages::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -96,3 +97,40 @@ def configure_logging(
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    install_grpc_shutdown_race_filter()
+
+
+class _GrpcAioShutdownRaceFilter(logging.Filter):
+    """Drops asyncio's "Exception in callback" report of grpc aio's poller shutdown race.
+
+    grpc aio shares one completion-queue poller between every event loop of the process and
+    closes its wake-up socket when the last aio server or channel goes away, from whichever
+    thread drops it. A loop in another thread (the all-in-one servers' loop, say) may already
+    have that socket's readiness queued, so its reader callback runs once on a closed fd and
+    raises EBADF after everything has stopped. Nothing is lost -- no call is in flight by then
+    -- but the traceback reads like a crash, so it is logged at DEBUG instead. Any other
+    callback error, or any other errno, is reported as before.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (
+            isinstance(exc, OSError)
+            and exc.errno == errno.EBADF
+            and "PollerCompletionQueue._handle_events" in record.getMessage()
+        ):
+            logging.getLogger(__name__).debug(
+                "grpc aio poller woke on its closed socket after shutdown (harmless; nothing in flight)"
+            )
+            return False
+        return True
+
+
+_GRPC_SHUTDOWN_RACE_FILTER: Final = _GrpcAioShutdownRaceFilter()
+
+
+def install_grpc_shutdown_race_filter() -> None:
+    """Attach the filter to the ``asyncio`` logger (idempotent; every loop of the process logs there)."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if _GRPC_SHUTDOWN_RACE_FILTER not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_GRPC_SHUTDOWN_RACE_FILTER)

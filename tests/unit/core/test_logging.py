@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import io
 import json
 import logging
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from services.core.logging import configure_logging
+from services.core.logging import configure_logging, install_grpc_shutdown_race_filter
 
 
 @pytest.fixture
@@ -54,3 +57,46 @@ def test_reconfiguring_replaces_its_own_handler(root_logger: logging.Logger) -> 
 def test_unknown_format_is_refused(root_logger: logging.Logger) -> None:
     with pytest.raises(ValueError, match="unknown log format 'xml'"):
         configure_logging("INFO", "xml")  # type: ignore[arg-type]
+
+
+
+class PollerCompletionQueue:
+    """Named like grpc's poller; its reader reads its wake-up socket after the socket was closed, as grpc's does."""
+
+    def __init__(self) -> None:
+        self.read_socket, write_socket = socket.socketpair()
+        write_socket.close()
+        self.read_socket.close()
+
+    def _handle_events(self) -> None:
+        self.read_socket.recv(1)  # OSError: [Errno 9] Bad file descriptor
+
+    def _handle_events_other_error(self) -> None:
+        raise OSError(errno.EPIPE, "Broken pipe")
+
+
+def _asyncio_records(callback: Callable[[], None], caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    install_grpc_shutdown_race_filter()
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            loop.call_soon(callback)
+            loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+    return [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_grpc_poller_shutdown_race_is_logged_at_debug_not_as_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    assert _asyncio_records(PollerCompletionQueue()._handle_events, caplog) == []
+    assert any("grpc aio poller woke on its closed socket" in r.getMessage() for r in caplog.records)
+
+
+def test_other_callback_errors_are_still_reported(caplog: pytest.LogCaptureFixture) -> None:
+    def unrelated() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    for callback in (unrelated, PollerCompletionQueue()._handle_events_other_error):
+        caplog.clear()
+        records = _asyncio_records(callback, caplog)
+        assert len(records) == 1 and records[0].levelno == logging.ERROR
