@@ -132,7 +132,7 @@ def distribution_comparison(store: Path, data_dir: Path, dataset: str, crop: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.experiments.downstream import DEFAULT_RUNS, PRECISION_VARIANTS, renderer_label
+    from training.experiments.downstream import PRECISION_VARIANTS, Settings, default_runs_dir, renderer_label
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="renderer-he-nuclei")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crops", type=int, default=256, help="n for FID/KID (the benchmark's)")
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--fid-bootstrap", type=int, default=200)
-    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    parser.add_argument("--runs-dir", type=Path, default=default_runs_dir(Settings().steps))
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--dry-run", action="store_true", help="print the quality block, do not record it")
     args = parser.parse_args(argv)

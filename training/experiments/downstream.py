@@ -77,7 +77,18 @@ RENDERER = "renderer-he-nuclei"
 ARMS = ("A", "B", "C")
 ARM_NAMES = {"A": "A: k real", "B": "B: k real + 4k synthetic", "C": "C: 4k synthetic"}
 METRICS = ("pixel_dice", "object_f1", "aji")
-DEFAULT_RUNS = Path.home() / ".cache" / "histosynth" / "runs" / "experiments" / NAME
+RUNS_ROOT = Path.home() / ".cache" / "histosynth" / "runs" / "experiments"
+
+
+def default_runs_dir(steps: int) -> Path:
+    """The runs cache for a segmenter step budget: a run is only reusable under the budget it was trained for.
+
+    300 steps (protocol P1, the first report) kept the original name, every other budget is named by it
+    (``downstream-steps1000`` for P2).
+    """
+    return RUNS_ROOT / (NAME if steps == 300 else f"{NAME}-steps{steps}")
+
+
 RENDER_BATCH = 8
 # --precision-variants: name -> (engine, precision) the Render service serves the renderer with.
 PRECISION_VARIANTS: dict[str, tuple[str, str]] = {"openvino-bf16": ("openvino", "bf16")}
@@ -129,13 +140,14 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     crop: int = 256  # real / synthetic crop size
     train_crop: int = 128  # random sub-crop the segmenter trains on (fully convolutional at test time)
-    steps: int = 300
+    # Protocol P2 (reports/downstream-candidates/NOTE.md): at 300 steps (P1) the segmenter was so under-trained that
+    # 4x more real crops bought only +0.012 Dice (p 0.36), too flat to tell renderers apart.
+    steps: int = 1000
     batch_size: int = 8
     lr: float = 2e-3
     distribution_crops: int = 256  # n for FID/KID/PR where the data allows
     parallel: int = 1
     held_back: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(BENCHMARK_HELD_BACK))
-    renderer_versions: tuple[str, ...] = ()  # empty = every version in the store
     precision_variants: tuple[str, ...] = ()  # VARIANTS, rendered beside the plain fp32 renders (see the docstring)
     draw_k: Mapping[str, int] = field(default_factory=dict)  # k each seed's draw is made for (default: max of ks)
     real_ceiling: bool = True  # also train B and C on the masks' real images (label REAL)
@@ -742,11 +754,25 @@ Per organ (pixel Dice; differences paired by seed):
         held = entry["held_back_nucleus_contrast"]
         dist_rows.append([dataset, "held-back crops themselves", str(entry["n"]), "", "", "", "", "", "",
                           f"{held['mean']:.4f} ± {held['std']:.4f}", "", ""])
-    extractor = "?"
+    warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
     if distributions:
         e = next(iter(distributions.values()))["real_vs_real"]["extractor"]
         extractor = f"{e['name']} v{e['version']} ({e['family']}, standard FID: {e['standard_fid']})"
-    warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
+        distribution_section = f"""## Distribution and stain scores (seed {settings.seeds[0]}'s synthetic crops)
+
+Extractor: `{extractor}`. KID subsets of n/2. Stain: 1-D Wasserstein distance of rgb2hed optical densities.
+Nucleus contrast: per crop, mean rgb2hed H inside the crop's nuclei minus outside (held-back crops with their true
+masks; real training crops and renders with the masks the renders were made from), mean ± std and its W1 distance to
+the held-back crops' values. Fixed-line ratio: the strongest row or column edge at a fixed position, averaged over the
+crops, over its median (`fixed_line_ratio`; real crops cut at random positions 1.05-1.25, higher = a line the
+generator draws at a fixed offset from the border).
+{chr(10).join(warnings)}
+
+{table(["data", "set", "n", "FID", "KID", "precision", "recall", "W1 H", "W1 E", "nucleus contrast",
+        "W1 contrast", "fixed-line ratio"], dist_rows)}
+"""
+    else:
+        distribution_section = "## Distribution and stain scores\n\nNot computed in this run (--no-distribution).\n"
     check_rows = [["ceiling (real)" if version == f"v{REAL}" else version, name, "yes" if ok else "**no**"]
                   for version, c in checks.items() for name, ok in c.items()]
     gain_rows = [[key.split("/")[0], key.split("/")[1].replace("-", " − ")] + [_diff(g[m]) for m in METRICS]
@@ -786,19 +812,7 @@ for B − A (a renderer could only beat it by drawing tissue easier to learn fro
 Differences are arm − A per seed: mean ± std (two-sided paired t-test p, seeds where the arm is higher).
 
 {chr(10).join(sections)}
-## Distribution and stain scores (seed {settings.seeds[0]}'s synthetic crops)
-
-Extractor: `{extractor}`. KID subsets of n/2. Stain: 1-D Wasserstein distance of rgb2hed optical densities.
-Nucleus contrast: per crop, mean rgb2hed H inside the crop's nuclei minus outside (held-back crops with their true
-masks; real training crops and renders with the masks the renders were made from), mean ± std and its W1 distance to
-the held-back crops' values. Fixed-line ratio: the strongest row or column edge at a fixed position, averaged over the
-crops, over its median (`fixed_line_ratio`; real crops cut at random positions 1.05-1.25, higher = a line the
-generator draws at a fixed offset from the border).
-{chr(10).join(warnings)}
-
-{table(["data", "set", "n", "FID", "KID", "precision", "recall", "W1 H", "W1 E", "nucleus contrast",
-        "W1 contrast", "fixed-line ratio"], dist_rows)}
-Grids: `segmentation.png` (held-back crop | truth | A | B | C, k = {min(min(v) for v in settings.ks.values())}, seed
+{distribution_section}Grids: `segmentation.png` (held-back crop | truth | A | B | C, k = {min(min(v) for v in settings.ks.values())}, seed
 {settings.seeds[0]}; classes: interior, boundary), `synthetic_<dataset>.png` (mask | render per version | real image of
 that mask).
 
@@ -871,9 +885,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / NAME)
     parser.add_argument("--store", type=Path, default=REPO_ROOT / "model_store")
-    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    parser.add_argument("--runs-dir", type=Path, help="the runs cache (default: one per step budget, see default_runs_dir)")
     parser.add_argument("--quick", action="store_true", help="fixture-sized smoke run (CI)")
-    parser.add_argument("--versions", nargs="*", help=f"{RENDERER} versions (default: all in the store)")
+    parser.add_argument("--versions", nargs="*", help=f"{RENDERER} versions (default: the served one, the store's latest)")
     parser.add_argument("--seeds", type=int, nargs="*")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--parallel", type=int)
@@ -912,8 +926,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = replace(settings, seeds=tuple(args.seeds))
     if args.no_real_ceiling:
         settings = replace(settings, real_ceiling=False)
-    versions = tuple(args.versions) if args.versions else tuple(
-        ModelStore(args.store).versions(RENDERER))
+    versions = tuple(args.versions) if args.versions else (ModelStore(args.store).get(RENDERER).version,)
+    if args.runs_dir is None:
+        args.runs_dir = default_runs_dir(settings.steps)
     labels = renderer_labels(versions, settings.precision_variants) + ((REAL,) if settings.real_ceiling else ())
     command = "python -m training.experiments.downstream " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.time()

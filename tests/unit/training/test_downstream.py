@@ -236,6 +236,13 @@ def test_a_cached_run_under_another_step_budget_is_refused(tmp_path: Path) -> No
                                                   {"steps": 300}))["steps"] == 300
 
 
+def test_the_main_protocol_is_p2_with_a_runs_cache_per_step_budget() -> None:
+    assert downstream.Settings().steps == 1000
+    assert downstream.default_runs_dir(1000).name == "downstream-steps1000"
+    assert downstream.default_runs_dir(300).name == "downstream"  # P1's cache keeps its name
+    assert downstream.default_runs_dir(1000) != downstream.default_runs_dir(downstream.QUICK.steps)
+
+
 def test_real_data_gain_pairs_arm_a_across_k_by_seed() -> None:
     def run(k: int, seed: int, intersection: int, arm: str = "A") -> dict:
         counts = [{"pixels_intersection": intersection, "pixels_predicted": 100, "pixels_true": 100,
