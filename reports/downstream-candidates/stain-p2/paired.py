@@ -1,11 +1,24 @@
-"""Paired differences of the stain-variation arms against v3, A and the ceiling (P2, MoNuSeg k16, 5 seeds), read from the P2 runs cache."""
+"""Paired differences of the stain-variation arms against plain v3, A and the ceiling (P2, MoNuSeg k16, 5 seeds).
+
+Reads the P2 runs cache and pairs by seed with the benchmark's own paired test; run from the repository root:
+python reports/downstream-candidates/stain-p2/paired.py > reports/downstream-candidates/stain-p2/paired.txt
+"""
 import json
-import numpy as np
-from scipy import stats
-from pathlib import Path
-R = Path.home() / '.cache/histosynth/runs/experiments/downstream-steps1000'
-def v(s, a, m): return json.load(open(R / f'monuseg-k16-seed{s}-{a}/result.json'))['scores'][m]
-for a, b in (('B-v3-stain', 'B-v3'), ('C-v3-stain', 'C-v3'), ('B-v3-stain', 'A'), ('C-v3-stain', 'A'), ('B-v3-stain', 'B-vreal'), ('C-v3-stain', 'C-vreal')):
-    for m in ('pixel_dice', 'object_f1', 'aji'):
-        x = np.array([v(s, a, m) for s in range(5)]); y = np.array([v(s, b, m) for s in range(5)]); d = x - y
-        print(f'{a} - {b} {m}: {d.mean():+.3f} ± {d.std(ddof=1):.3f} (p {stats.ttest_rel(x, y).pvalue:.3f}, {int((d > 0).sum())}/5)')
+
+from training.experiments.downstream import METRICS, Settings, _diff, default_runs_dir, paired_stats
+from training.experiments.instance_metrics import scores
+
+RUNS = default_runs_dir(Settings().steps)
+SEEDS = range(5)
+PAIRS = (("B-v3-stain", "B-v3"), ("C-v3-stain", "C-v3"), ("B-v3-stain", "A"), ("C-v3-stain", "A"),
+         ("B-v3-stain", "B-vreal"), ("C-v3-stain", "C-vreal"))
+
+
+def seed_scores(arm: str, metric: str) -> dict[int, float]:
+    return {s: scores(json.loads((RUNS / f"monuseg-k16-seed{s}-{arm}" / "result.json").read_text())["counts"])[metric]
+            for s in SEEDS}
+
+
+for arm, base in PAIRS:
+    for metric in METRICS:
+        print(f"{arm} - {base} {metric}: {_diff(paired_stats(seed_scores(arm, metric), seed_scores(base, metric)))}")

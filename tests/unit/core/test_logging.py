@@ -59,7 +59,6 @@ def test_unknown_format_is_refused(root_logger: logging.Logger) -> None:
         configure_logging("INFO", "xml")  # type: ignore[arg-type]
 
 
-
 class PollerCompletionQueue:
     """Named like grpc's poller; its reader reads its wake-up socket after the socket was closed, as grpc's does."""
 
