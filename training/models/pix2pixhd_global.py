@@ -12,6 +12,12 @@ inputs must be multiples of 2**n_downsample px.
 weights were trained with). On even sizes a stride-2 conv3 with zero padding 1 reads padding only at the top and
 left, so the net can locate those two borders: renderer-he-nuclei v3 draws a faint frame about 40 px inside the top
 and left edges of every 256 px render. The option changes no weight shape or name, so shipped weights load into it.
+
+``upsample="resize"`` replaces each transposed conv3 stride 2 by nearest-neighbour upsampling x2 then a reflect-padded
+conv3 (Odena et al. 2016, "Deconvolution and checkerboard artifacts"). A stride-2 transposed conv3 sums one kernel
+tap into even output rows/columns and two into odd ones, so even a uniform input comes out as a period-2 grid: the
+checkerboard every shipped renderer draws. Resize-conv weighs every output pixel alike. Its weights differ in shape
+([out, in, 3, 3] vs [in, out, 3, 3]), so it trains from scratch, never from transposed-conv weights.
 """
 
 from __future__ import annotations
@@ -34,12 +40,20 @@ class ResnetBlock(nn.Module):
         return x + self.block(x)
 
 
+def _upsample_x2(in_ch: int, out_ch: int, mode: str) -> list[nn.Module]:
+    if mode == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1), nn.Conv2d(in_ch, out_ch, 3)]
+    return [nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=1)]
+
+
 class GlobalGenerator(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 3, ngf: int = 32, n_downsample: int = 3,
-                 n_blocks: int = 4, downsample_padding: str = "zeros"):
+                 n_blocks: int = 4, downsample_padding: str = "zeros", upsample: str = "transposed"):
         super().__init__()
         if downsample_padding not in ("zeros", "reflect"):
             raise ValueError(f"downsample_padding must be 'zeros' or 'reflect', got {downsample_padding!r}")
+        if upsample not in ("transposed", "resize"):
+            raise ValueError(f"upsample must be 'transposed' or 'resize', got {upsample!r}")
         self.size_multiple = 2 ** n_downsample
         layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7), nn.InstanceNorm2d(ngf),
                                    nn.ReLU(True)]
@@ -50,8 +64,7 @@ class GlobalGenerator(nn.Module):
             ch *= 2
         layers += [ResnetBlock(ch) for _ in range(n_blocks)]
         for _ in range(n_downsample):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1),
-                       nn.InstanceNorm2d(ch // 2), nn.ReLU(True)]
+            layers += [*_upsample_x2(ch, ch // 2, upsample), nn.InstanceNorm2d(ch // 2), nn.ReLU(True)]
             ch //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)

@@ -200,6 +200,39 @@ def test_reflect_padded_generator_takes_zero_padded_weights_exports_and_loses_th
         GlobalGenerator(in_channels=5, downsample_padding="circular")
 
 
+def test_resize_conv_generator_draws_no_checkerboard_and_exports_at_any_size(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from training.models.pix2pixhd_global import GlobalGenerator
+
+    from training.models.pix2pixhd_global import _upsample_x2
+
+    # A uniform feature map: a stride-2 transposed conv3 sums one kernel tap into even and two into odd output
+    # pixels, so its output alternates with period 2 (the checkerboard); nearest upsampling + conv weighs all alike.
+    torch.manual_seed(0)
+    features = torch.ones(1, 8, 16, 16)
+    with torch.no_grad():
+        grid = torch.nn.Sequential(*_upsample_x2(8, 4, "transposed"))(features)[0, 0, 2:-2, 2:-2]
+        flat = torch.nn.Sequential(*_upsample_x2(8, 4, "resize"))(features)[0, 0]
+    assert float((grid[0::2, 0::2].mean() - grid[1::2, 1::2].mean()).abs()) > 1e-2
+    assert float(flat.std()) < 1e-5
+    torch.manual_seed(0)
+    transposed = GlobalGenerator(in_channels=5, ngf=4, n_downsample=2, n_blocks=1, downsample_padding="reflect")
+    resize = GlobalGenerator(in_channels=5, ngf=4, n_downsample=2, n_blocks=1, downsample_padding="reflect",
+                             upsample="resize")
+    with pytest.raises(RuntimeError, match="size mismatch"):  # no transposed-conv weights can warm-start it
+        resize.load_state_dict(transposed.state_dict())
+    version_dir = export_to_model_store(
+        resize, (torch.zeros(1, 5, 64, 64),), name="tiny-renderer", version=1, kind="test",
+        input_names=["label"], output_names=["image"], dynamic_axes=AXES, metadata={"num_classes": 4},
+        provenance=PROVENANCE, store_root=tmp_path, parity_sizes=[(64, 64), (48, 80)], atol=1e-4,
+        card=ModelCard("tiny", "s", "d", "i", "l"))
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"label": np.zeros((1, 5, 40, 96), np.float32)})[0].shape == (1, 3, 40, 96)
+    with pytest.raises(ValueError, match="upsample"):
+        GlobalGenerator(in_channels=5, upsample="bilinear")
+
+
 def test_export_refuses_existing_version_and_bad_tolerance(tmp_path: Path) -> None:
     kwargs = dict(name="tiny-renderer", kind="test", input_names=["label"], output_names=["image"],
                   dynamic_axes=AXES, metadata={}, provenance=PROVENANCE, store_root=tmp_path,
