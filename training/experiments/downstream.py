@@ -541,6 +541,28 @@ def fixed_line_ratio(images: np.ndarray) -> float:
     return max(ratios)
 
 
+def upsampling_grid_ratio(images: np.ndarray, period: int = 8) -> float:
+    """How much a set of same-size crops carries a pattern repeating every 2, 4 or 8 px (the upsampling grid).
+
+    Power spectrum of the grey level (each crop's mean removed), averaged over the crops; the mean power at the
+    lattice frequencies k * size / period (not DC) over the mean power one bin beside them. A natural image's
+    spectrum is smooth there (about 1); three stride-2 transposed convs draw peaks exactly on that lattice (the
+    checkerboard). Crops must be square with a side divisible by ``period``."""
+    gray = images.astype(np.float32).mean(-1)
+    size = gray.shape[1]
+    if gray.shape[2] != size or size % period:
+        raise ValueError(f"crops must be square with a side divisible by {period}, got {gray.shape[1:]}")
+    gray -= gray.mean(axis=(1, 2), keepdims=True)
+    power = (np.abs(np.fft.fft2(gray)) ** 2).mean(0)
+    step = size // period
+    lattice = {(i * step, j * step) for i in range(period) for j in range(period)} - {(0, 0)}
+    beside = {((u + du) % size, (v + dv) % size) for u, v in lattice
+              for du, dv in ((1, 0), (-1, 0), (0, 1), (0, -1))} - lattice - {(0, 0)}
+    on = np.mean([power[u, v] for u, v in lattice])
+    off = np.mean([power[u, v] for u, v in beside])
+    return float(on / max(off, 1e-12))
+
+
 def contrast_summary(values: np.ndarray) -> dict[str, Any]:
     """Nucleus contrast of a crop set: mean ± std over its crops."""
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
@@ -580,6 +602,7 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
             entry["real_vs_real"] = scorer.score(held_n, real_train[:n], options)
             entry["real_vs_real"]["stain_wasserstein"] = stain_distances(held_n, real_train[:n])
             entry["real_vs_real"]["fixed_line_ratio"] = fixed_line_ratio(real_train[:n])
+            entry["real_vs_real"]["grid_ratio"] = upsampling_grid_ratio(real_train[:n])
             entry["held_back_nucleus_contrast"] = contrast_summary(held_contrast)
             entry["real_vs_real"]["nucleus_contrast"] = contrast_scores(
                 held_contrast, nucleus_contrast(real_train[:n], mask_instances[:n]))
@@ -588,6 +611,7 @@ def distribution_scores(settings: Settings, data_dir: Path, store: Path,
                 entry[f"v{version}"] = scorer.score(held_n, synthetic, options)
                 entry[f"v{version}"]["stain_wasserstein"] = stain_distances(held_n, synthetic)
                 entry[f"v{version}"]["fixed_line_ratio"] = fixed_line_ratio(synthetic)
+                entry[f"v{version}"]["grid_ratio"] = upsampling_grid_ratio(synthetic)
                 entry[f"v{version}"]["nucleus_contrast"] = contrast_scores(
                     held_contrast, nucleus_contrast(synthetic, mask_instances[:n]))
             out[dataset] = entry
@@ -750,10 +774,10 @@ Per organ (pixel Dice; differences paired by seed):
                               f"{s['precision']:.3f}", f"{s['recall']:.3f}",
                               f"{s['stain_wasserstein']['H']:.4f}", f"{s['stain_wasserstein']['E']:.4f}",
                               f"{contrast['mean']:.4f} ± {contrast['std']:.4f}", f"{contrast['w1_to_held_back']:.4f}",
-                              f"{s['fixed_line_ratio']:.2f}"])
+                              f"{s['fixed_line_ratio']:.2f}", f"{s['grid_ratio']:.2f}"])
         held = entry["held_back_nucleus_contrast"]
         dist_rows.append([dataset, "held-back crops themselves", str(entry["n"]), "", "", "", "", "", "",
-                          f"{held['mean']:.4f} ± {held['std']:.4f}", "", ""])
+                          f"{held['mean']:.4f} ± {held['std']:.4f}", "", "", ""])
     warnings = [f"- {d}: {e['warning']}" for d, e in distributions.items() if e.get("warning")]
     if distributions:
         e = next(iter(distributions.values()))["real_vs_real"]["extractor"]
@@ -765,11 +789,13 @@ Nucleus contrast: per crop, mean rgb2hed H inside the crop's nuclei minus outsid
 masks; real training crops and renders with the masks the renders were made from), mean ± std and its W1 distance to
 the held-back crops' values. Fixed-line ratio: the strongest row or column edge at a fixed position, averaged over the
 crops, over its median (`fixed_line_ratio`; real crops cut at random positions 1.05-1.25, higher = a line the
-generator draws at a fixed offset from the border).
+generator draws at a fixed offset from the border). Grid ratio: mean power at the spatial frequencies of a 2, 4 or 8 px
+period over the power one frequency bin beside them (`upsampling_grid_ratio`; about 1 for real tissue, higher = the
+transposed-convolution checkerboard).
 {chr(10).join(warnings)}
 
 {table(["data", "set", "n", "FID", "KID", "precision", "recall", "W1 H", "W1 E", "nucleus contrast",
-        "W1 contrast", "fixed-line ratio"], dist_rows)}
+        "W1 contrast", "fixed-line ratio", "grid ratio"], dist_rows)}
 """
     else:
         distribution_section = "## Distribution and stain scores\n\nNot computed in this run (--no-distribution).\n"

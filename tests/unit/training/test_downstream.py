@@ -115,6 +115,7 @@ def test_quick_benchmark_renders_over_grpc_trains_every_arm_and_writes_the_repor
         contrast = dist[name]["nucleus_contrast"]
         assert contrast["n"] > 0 and np.isfinite(contrast["mean"]) and contrast["w1_to_held_back"] >= 0
     assert all(dist[name]["fixed_line_ratio"] >= 1.0 for name in ("real_vs_real", "v1"))
+    assert all(dist[name]["grid_ratio"] > 0.0 for name in ("real_vs_real", "v1"))
     assert dist["held_back_nucleus_contrast"]["mean"] > 0  # real nuclei hold more hematoxylin than their surround
     assert {"FID <= 1.5x real-vs-real", "recall >= 0.3", "W1 H <= real-vs-real",
             "W1 nucleus contrast <= real-vs-real"} <= set(report["done_when"]["v1"])
@@ -321,3 +322,15 @@ def test_fixed_line_ratio_finds_a_line_drawn_at_one_offset_in_every_crop() -> No
     assert plain < 1.2 < 2.0 < downstream.fixed_line_ratio(framed)
     transposed = np.ascontiguousarray(framed.transpose(0, 2, 1, 3))  # the same line as a column
     assert downstream.fixed_line_ratio(transposed) == pytest.approx(downstream.fixed_line_ratio(framed))
+
+
+def test_upsampling_grid_ratio_finds_a_period_two_checkerboard_and_not_plain_texture() -> None:
+    # (on the benchmark's seed-0 MoNuSeg crops: real 1.08, renderer-he-nuclei v3 11.2)
+    rng = np.random.default_rng(0)
+    crops = rng.integers(110, 146, (16, 64, 64, 3)).astype(np.uint8)  # white noise: a flat spectrum
+    plain = downstream.upsampling_grid_ratio(crops)
+    grid = crops.astype(np.int16)
+    grid[:, ::2, ::2] += 4  # a 4-grey-level period-2 checkerboard on every crop
+    assert plain < 1.5 < 5.0 < downstream.upsampling_grid_ratio(np.clip(grid, 0, 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="divisible"):
+        downstream.upsampling_grid_ratio(crops[:, :60, :60])
