@@ -48,6 +48,7 @@ import json
 import math
 import multiprocessing
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -417,8 +418,26 @@ def run_all(specs: Sequence[RunSpec], parallel: int) -> list[dict[str, Any]]:
         return results
     from training.experiments import downstream as worker  # spawned workers import it by name, not __main__
 
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(parallel) as pool:
         return list(pool.map(worker.run_from_dict, [asdict(spec) for spec in specs]))
+
+
+def worker_pool(parallel: int) -> ProcessPoolExecutor:
+    """Spawned workers that stop when the benchmark process does. Without this, killing the benchmark (SIGTERM or
+    SIGKILL to it alone, as a scheduler or `kill` does) leaves its workers training the runs already queued to them
+    for many minutes, on cores the user thinks are free (seen 2026-12-07: two orphans ran two more runs each)."""
+    return ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
+def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """Pool initializer: a daemon thread ends this worker at once when ``parent_pid`` is no longer its parent."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # ============================================================================================ statistics

@@ -334,3 +334,49 @@ def test_upsampling_grid_ratio_finds_a_period_two_checkerboard_and_not_plain_tex
     assert plain < 1.5 < 5.0 < downstream.upsampling_grid_ratio(np.clip(grid, 0, 255).astype(np.uint8))
     with pytest.raises(ValueError, match="divisible"):
         downstream.upsampling_grid_ratio(crops[:, :60, :60])
+
+
+def test_benchmark_workers_stop_when_the_benchmark_process_is_killed(tmp_path: Path) -> None:
+    # A parent holding the benchmark's worker pool, its worker mid-task, is killed by SIGKILL (no cleanup runs):
+    # the worker must not go on with the task (it did before worker_pool: two orphans trained for ~15 min).
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import os, time
+from training.experiments.downstream import worker_pool
+with worker_pool(1) as pool:
+    worker = pool.submit(os.getpid).result()
+    open({str(pid_file)!r}, "w").write(str(worker))
+    pool.submit(time.sleep, 600).result()
+"""], cwd=Path(__file__).resolve().parents[3])
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker_pid = int(pid_file.read_text())
+        assert _running(worker_pid)  # sleeping in its task
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        deadline = time.monotonic() + 30
+        while _running(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _running(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+            raise AssertionError("the worker outlived its parent by 30 s")
+    finally:
+        parent.kill()
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (an orphan's exit may wait for an init that reaps late)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        state = next(line for line in status.read_text().splitlines() if line.startswith("State:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "zombie" not in state
