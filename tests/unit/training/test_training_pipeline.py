@@ -297,3 +297,25 @@ def _trained(tmp_path: Path, config_path: Path) -> Path:
     out = tmp_path / "runs" / "shipped"
     train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
     return out / "latest.pt"
+
+
+def test_v10_recipe_trains_a_resize_conv_renderer_from_scratch_and_exports_it_without_transposed_convs(
+        tmp_path: Path) -> None:
+    import onnx
+
+    from training.export.__main__ import main as export_main
+
+    real = load_config(CONFIGS / "renderer-he-nuclei-v10.yaml")
+    assert real["generator"]["upsample"] == "resize" and real["generator"]["downsample_padding"] == "reflect"
+    assert not real["train"].get("init_from") and not real["train"].get("init_from_store"), "from scratch"
+    config = tiny_config("renderer-he-nuclei-v10")
+    config["generator"].update(upsample="resize", downsample_padding="reflect")
+    config_path = write_config(tmp_path, config)
+    out = tmp_path / "run"
+    train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert not any(r.get("event") == "warm_started" for r in records)
+    version_dir = export_main(["--config", str(config_path), "--checkpoint", str(out / "latest.pt"), "--version", "10",
+                               "--store-root", str(tmp_path / "store"), "--data-root", str(FIXTURE_DATA)])
+    ops = {node.op_type for node in onnx.load(str(version_dir / "model.onnx")).graph.node}
+    assert "Resize" in ops and "ConvTranspose" not in ops
