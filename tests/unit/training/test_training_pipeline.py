@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -172,10 +173,20 @@ def test_export_parity_at_two_sizes_and_dynamic_axes(tmp_path: Path) -> None:
         assert key in manifest, key
 
 
-def test_reflect_padded_generator_takes_zero_padded_weights_exports_and_loses_the_top_left_border_cue(
-        tmp_path: Path) -> None:
+def _export_tiny_renderer(model: torch.nn.Module, store_root: Path) -> Any:
+    """Export a tiny 5-channel renderer as version 1 (parity checked at two sizes); an ORT session on the file."""
     import onnxruntime as ort
 
+    version_dir = export_to_model_store(
+        model, (torch.zeros(1, 5, 64, 64),), name="tiny-renderer", version=1, kind="test",
+        input_names=["label"], output_names=["image"], dynamic_axes=AXES, metadata={"num_classes": 4},
+        provenance=PROVENANCE, store_root=store_root, parity_sizes=[(64, 64), (48, 80)], atol=1e-4,
+        card=ModelCard("tiny", "s", "d", "i", "l"))
+    return ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_reflect_padded_generator_takes_zero_padded_weights_exports_and_loses_the_top_left_border_cue(
+        tmp_path: Path) -> None:
     from training.models.pix2pixhd_global import GlobalGenerator
 
     zero = _tiny_renderer()
@@ -189,19 +200,13 @@ def test_reflect_padded_generator_takes_zero_padded_weights_exports_and_loses_th
     with torch.no_grad():
         spread_zero, spread_reflect = float(zero(label).std()), float(reflect(label).std())
     assert spread_reflect < 1e-4 < spread_zero
-    version_dir = export_to_model_store(
-        reflect, (torch.zeros(1, 5, 64, 64),), name="tiny-renderer", version=1, kind="test",
-        input_names=["label"], output_names=["image"], dynamic_axes=AXES, metadata={"num_classes": 4},
-        provenance=PROVENANCE, store_root=tmp_path, parity_sizes=[(64, 64), (48, 80)], atol=1e-4,
-        card=ModelCard("tiny", "s", "d", "i", "l"))
-    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = _export_tiny_renderer(reflect, tmp_path)
     assert session.run(None, {"label": label.numpy()})[0].std() < 1e-4
     with pytest.raises(ValueError, match="downsample_padding"):
         GlobalGenerator(in_channels=5, downsample_padding="circular")
 
 
 def test_resize_conv_generator_draws_no_checkerboard_and_exports_at_any_size(tmp_path: Path) -> None:
-    import onnxruntime as ort
 
     from training.models.pix2pixhd_global import GlobalGenerator
 
@@ -222,12 +227,7 @@ def test_resize_conv_generator_draws_no_checkerboard_and_exports_at_any_size(tmp
                              upsample="resize")
     with pytest.raises(RuntimeError, match="size mismatch"):  # no transposed-conv weights can warm-start it
         resize.load_state_dict(transposed.state_dict())
-    version_dir = export_to_model_store(
-        resize, (torch.zeros(1, 5, 64, 64),), name="tiny-renderer", version=1, kind="test",
-        input_names=["label"], output_names=["image"], dynamic_axes=AXES, metadata={"num_classes": 4},
-        provenance=PROVENANCE, store_root=tmp_path, parity_sizes=[(64, 64), (48, 80)], atol=1e-4,
-        card=ModelCard("tiny", "s", "d", "i", "l"))
-    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = _export_tiny_renderer(resize, tmp_path)
     assert session.run(None, {"label": np.zeros((1, 5, 40, 96), np.float32)})[0].shape == (1, 3, 40, 96)
     with pytest.raises(ValueError, match="upsample"):
         GlobalGenerator(in_channels=5, upsample="bilinear")
