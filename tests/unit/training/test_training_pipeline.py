@@ -207,7 +207,6 @@ def test_reflect_padded_generator_takes_zero_padded_weights_exports_and_loses_th
 
 
 def test_resize_conv_generator_draws_no_checkerboard_and_exports_at_any_size(tmp_path: Path) -> None:
-
     from training.models.pix2pixhd_global import GlobalGenerator
 
     from training.models.pix2pixhd_global import _upsample_x2
