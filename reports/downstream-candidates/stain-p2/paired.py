@@ -1,7 +1,7 @@
 """Paired differences of the stain-variation arms against plain v3, A and the ceiling (P2, MoNuSeg k16, 5 seeds).
 
 Reads the P2 runs cache and pairs by seed with the benchmark's own paired test; run from the repository root:
-python reports/downstream-candidates/stain-p2/paired.py > reports/downstream-candidates/stain-p2/paired.txt
+PYTHONPATH=. python reports/downstream-candidates/stain-p2/paired.py > reports/downstream-candidates/stain-p2/paired.txt
 """
 import json
 
