@@ -6,6 +6,7 @@ P2 report (reports/downstream/report.json, trained on an AMD EPYC), so it shows 
 Run from the repository root:
 PYTHONPATH=. python reports/downstream-candidates/v10-p2/paired.py > reports/downstream-candidates/v10-p2/paired.txt
 """
+import functools
 import json
 from pathlib import Path
 
@@ -16,11 +17,12 @@ from training.experiments.instance_metrics import scores
 from training.experiments.report import mean_std
 
 RUNS = default_runs_dir(Settings().steps)
-AMD_REPORT = Path("reports/downstream/report.json")
+AMD_RUNS = json.loads(Path("reports/downstream/report.json").read_text())["results"]["runs"]
 SEEDS = range(5)
 PAIRS = (("B-v10", "A"), ("C-v10", "A"), ("B-v10", "B-v3"), ("C-v10", "C-v3"), ("B-v3", "A"), ("C-v3", "A"))
 
 
+@functools.cache
 def counts(arm: str, seed: int) -> list[dict]:
     return json.loads((RUNS / f"monuseg-k16-seed{seed}-{arm}" / "result.json").read_text())["counts"]
 
@@ -31,8 +33,7 @@ def seed_scores(arm: str, metric: str) -> dict[int, float]:
 
 def amd_scores(arm: str, metric: str) -> dict[int, float]:
     name, _, version = arm.partition("-v")
-    runs = json.loads(AMD_REPORT.read_text())["results"]["runs"]
-    return {r["seed"]: scores(r["counts"])[metric] for r in runs
+    return {r["seed"]: scores(r["counts"])[metric] for r in AMD_RUNS
             if (r["dataset"], r["k"], r["arm"], r["version"]) == ("monuseg", 16, name, version)}
 
 

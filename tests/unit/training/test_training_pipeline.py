@@ -308,7 +308,7 @@ def test_v10_recipe_trains_a_resize_conv_renderer_from_scratch_and_exports_it_wi
     assert real["generator"]["upsample"] == "resize" and real["generator"]["downsample_padding"] == "reflect"
     assert not real["train"].get("init_from") and not real["train"].get("init_from_store"), "from scratch"
     config = tiny_config("renderer-he-nuclei-v10")
-    config["generator"].update(upsample="resize", downsample_padding="reflect")
+    config["generator"].update({key: real["generator"][key] for key in ("upsample", "downsample_padding")})
     config_path = write_config(tmp_path, config)
     out = tmp_path / "run"
     train_main(["--config", str(config_path), "--data-root", str(FIXTURE_DATA), "--out", str(out)])
