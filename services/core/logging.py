@@ -114,16 +114,25 @@ class _GrpcAioShutdownRaceFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if (
-            isinstance(exc, OSError)
-            and exc.errno == errno.EBADF
-            and "PollerCompletionQueue._handle_events" in record.getMessage()
-        ):
+        if isinstance(exc, OSError) and exc.errno == errno.EBADF and _raised_in_grpc_poller_reader(exc):
             logging.getLogger(__name__).debug(
                 "grpc aio poller woke on its closed socket after shutdown (harmless; nothing in flight)"
             )
             return False
         return True
+
+
+def _raised_in_grpc_poller_reader(exc: BaseException) -> bool:
+    """Whether ``exc`` passed through ``PollerCompletionQueue._handle_events``. Judged by the traceback, not by
+    asyncio's message: grpc removes the reader before the callback raises, which cancels the handle, and a
+    cancelled handle's message reads "Exception in callback None()" with no function name in it."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code  # Cython frames carry the dotted name in co_name, Python ones in co_qualname
+        if any(name.endswith("PollerCompletionQueue._handle_events") for name in (code.co_name, code.co_qualname)):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 _GRPC_SHUTDOWN_RACE_FILTER: Final = _GrpcAioShutdownRaceFilter()

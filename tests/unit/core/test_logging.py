@@ -91,6 +91,31 @@ def test_grpc_poller_shutdown_race_is_logged_at_debug_not_as_a_traceback(caplog:
     assert any("grpc aio poller woke on its closed socket" in r.getMessage() for r in caplog.records)
 
 
+def test_the_race_is_recognised_when_the_reader_was_removed_first(caplog: pytest.LogCaptureFixture) -> None:
+    # grpc's real shutdown removes the reader (cancelling its handle) before the callback raises, so asyncio's
+    # message reads "Exception in callback None()" / "<Handle cancelled>" and names no function (seen in `make run`).
+    install_grpc_shutdown_race_filter()
+    loop = asyncio.new_event_loop()
+    read_socket, write_socket = socket.socketpair()
+    write_socket.send(b"x")
+
+    class PollerCompletionQueue:
+        def _handle_events(self) -> None:
+            loop.remove_reader(read_socket.fileno())
+            read_socket.close()
+            read_socket.recv(1)  # OSError: [Errno 9] Bad file descriptor
+
+    try:
+        with caplog.at_level(logging.DEBUG):
+            loop.add_reader(read_socket.fileno(), PollerCompletionQueue()._handle_events)
+            loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop.close()
+        write_socket.close()
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+    assert any("grpc aio poller woke on its closed socket" in r.getMessage() for r in caplog.records)
+
+
 def test_other_callback_errors_are_still_reported(caplog: pytest.LogCaptureFixture) -> None:
     def unrelated() -> None:
         raise OSError(errno.EBADF, "Bad file descriptor")
